@@ -167,6 +167,11 @@ def group_stats(values: Tensor, group_ids: Tensor, *, ddof: int = 1) -> GroupSta
 # --------------------------------------------------------------------------------------------------------------
 # Vocabulary-sized ops, chunked over rows in forward and backward
 # --------------------------------------------------------------------------------------------------------------
+def _compute_dtype(logits: Tensor) -> torch.dtype:
+    """fp32 for half-precision logits, the logits' own dtype for fp32/fp64."""
+    return torch.promote_types(logits.dtype, torch.float32)
+
+
 def _rows_per_chunk(vocab: int, chunk_rows: int | None) -> int:
     if chunk_rows is not None:
         if chunk_rows < 1:
@@ -178,15 +183,15 @@ def _rows_per_chunk(vocab: int, chunk_rows: int | None) -> int:
 class _SelectiveLogSoftmax(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, logits: Tensor, ids: Tensor, temperature: float, chunk: int) -> Tensor:
-        n = logits.shape[0]
-        out = torch.empty(n, dtype=torch.float32, device=logits.device)
+        n, dtype = logits.shape[0], _compute_dtype(logits)
+        out = torch.empty(n, dtype=dtype, device=logits.device)
         lse = torch.empty_like(out)
         for s in range(0, n, chunk):
-            z = logits[s : s + chunk].float() / temperature  # (chunk, V) fp32, freed each iteration
+            z = logits[s : s + chunk].to(dtype) / temperature  # (chunk, V) fp32, freed each iteration
             lse[s : s + chunk] = torch.logsumexp(z, dim=-1)
             out[s : s + chunk] = z.gather(-1, ids[s : s + chunk, None]).squeeze(-1) - lse[s : s + chunk]
         ctx.save_for_backward(logits, ids, lse)
-        ctx.temperature, ctx.chunk = temperature, chunk
+        ctx.temperature, ctx.chunk, ctx.dtype = temperature, chunk, dtype
         return out
 
     @staticmethod
@@ -194,8 +199,8 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
         logits, ids, lse = ctx.saved_tensors
         grad = torch.empty_like(logits)
         for s in range(0, logits.shape[0], ctx.chunk):
-            z = logits[s : s + ctx.chunk].float() / ctx.temperature
-            g = grad_out[s : s + ctx.chunk, None].float()  # (chunk, 1)
+            z = logits[s : s + ctx.chunk].to(ctx.dtype) / ctx.temperature
+            g = grad_out[s : s + ctx.chunk, None].to(ctx.dtype)  # (chunk, 1)
             chunk_grad = -(z - lse[s : s + ctx.chunk, None]).exp() * g  # d logp / d z = onehot - softmax
             chunk_grad.scatter_add_(-1, ids[s : s + ctx.chunk, None], g)
             grad[s : s + ctx.chunk] = chunk_grad / ctx.temperature
@@ -205,9 +210,9 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
 def selective_log_softmax(
     logits: Tensor, token_ids: Tensor, *, temperature: float = 1.0, chunk_rows: int | None = None
 ) -> Tensor:
-    """log softmax(logits / temperature)[token_id] for every position, in fp32, chunked over rows.
+    """log softmax(logits / temperature)[token_id] for every position, in fp32 or better, chunked over rows.
 
-    logits: (..., V) any float dtype; token_ids: (...) long. Returns (...) float32. Differentiable in ``logits``;
+    logits: (..., V) any float dtype; token_ids: (...) long. Returns (...) in fp32 (fp64 for fp64 logits). Differentiable in ``logits``;
     the backward recomputes each chunk's softmax instead of storing it.
     """
     if logits.shape[:-1] != token_ids.shape:
@@ -227,16 +232,16 @@ def selective_log_softmax(
 class _Entropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, logits: Tensor, temperature: float, chunk: int) -> Tensor:
-        n = logits.shape[0]
-        ent = torch.empty(n, dtype=torch.float32, device=logits.device)
+        n, dtype = logits.shape[0], _compute_dtype(logits)
+        ent = torch.empty(n, dtype=dtype, device=logits.device)
         lse = torch.empty_like(ent)
         for s in range(0, n, chunk):
-            z = logits[s : s + chunk].float() / temperature
+            z = logits[s : s + chunk].to(dtype) / temperature
             lse[s : s + chunk] = torch.logsumexp(z, dim=-1)
             p = (z - lse[s : s + chunk, None]).exp()
             ent[s : s + chunk] = lse[s : s + chunk] - (p * z).sum(-1)  # H = lse - E_p[z]
         ctx.save_for_backward(logits, lse, ent)
-        ctx.temperature, ctx.chunk = temperature, chunk
+        ctx.temperature, ctx.chunk, ctx.dtype = temperature, chunk, dtype
         return ent
 
     @staticmethod
@@ -244,7 +249,7 @@ class _Entropy(torch.autograd.Function):
         logits, lse, ent = ctx.saved_tensors
         grad = torch.empty_like(logits)
         for s in range(0, logits.shape[0], ctx.chunk):
-            z = logits[s : s + ctx.chunk].float() / ctx.temperature
+            z = logits[s : s + ctx.chunk].to(ctx.dtype) / ctx.temperature
             logp = z - lse[s : s + ctx.chunk, None]
             # dH/dz_j = -p_j (log p_j + H)
             chunk_grad = -logp.exp() * (logp + ent[s : s + ctx.chunk, None]) * grad_out[s : s + ctx.chunk, None]
@@ -255,7 +260,7 @@ class _Entropy(torch.autograd.Function):
 def entropy_from_logits(logits: Tensor, *, temperature: float = 1.0, chunk_rows: int | None = None) -> Tensor:
     """Full-vocabulary entropy H(softmax(logits / temperature)) per position, fp32, chunked over rows.
 
-    logits: (..., V) -> (...) float32. Differentiable (for entropy bonuses); wrap in ``torch.no_grad()`` for
+    logits: (..., V) -> (...) in fp32 (fp64 for fp64 logits). Differentiable (for entropy bonuses); wrap in ``torch.no_grad()`` for
     diagnostics and GTPO's entropy filter.
     """
     if temperature <= 0:
@@ -268,14 +273,14 @@ def entropy_from_logits(logits: Tensor, *, temperature: float = 1.0, chunk_rows:
 class _ForwardKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, ref_logits: Tensor, logits: Tensor, chunk: int) -> Tensor:
-        n = logits.shape[0]
-        kl = torch.empty(n, dtype=torch.float32, device=logits.device)
+        n, dtype = logits.shape[0], _compute_dtype(logits)
+        kl = torch.empty(n, dtype=dtype, device=logits.device)
         for s in range(0, n, chunk):
-            ref_logp = torch.log_softmax(ref_logits[s : s + chunk].float(), dim=-1)
-            logp = torch.log_softmax(logits[s : s + chunk].float(), dim=-1)
+            ref_logp = torch.log_softmax(ref_logits[s : s + chunk].to(dtype), dim=-1)
+            logp = torch.log_softmax(logits[s : s + chunk].to(dtype), dim=-1)
             kl[s : s + chunk] = (ref_logp.exp() * (ref_logp - logp)).sum(-1)
         ctx.save_for_backward(ref_logits, logits)
-        ctx.chunk = chunk
+        ctx.chunk, ctx.dtype = chunk, dtype
         return kl
 
     @staticmethod
@@ -283,8 +288,8 @@ class _ForwardKL(torch.autograd.Function):
         ref_logits, logits = ctx.saved_tensors
         grad = torch.empty_like(logits)
         for s in range(0, logits.shape[0], ctx.chunk):
-            p_ref = torch.softmax(ref_logits[s : s + ctx.chunk].float(), dim=-1)
-            p = torch.softmax(logits[s : s + ctx.chunk].float(), dim=-1)
+            p_ref = torch.softmax(ref_logits[s : s + ctx.chunk].to(ctx.dtype), dim=-1)
+            p = torch.softmax(logits[s : s + ctx.chunk].to(ctx.dtype), dim=-1)
             grad[s : s + ctx.chunk] = (p - p_ref) * grad_out[s : s + ctx.chunk, None]  # d KL(ref||p) / d z
         return None, grad, None
 
@@ -292,7 +297,7 @@ class _ForwardKL(torch.autograd.Function):
 def kl_from_logits(ref_logits: Tensor, logits: Tensor, *, chunk_rows: int | None = None) -> Tensor:
     """Forward KL(pi_ref(.|s_t) || pi_theta(.|s_t)) over the full vocabulary at each position, chunked.
 
-    ref_logits, logits: (..., V) -> (...) float32. Differentiable in ``logits`` only: the reference is frozen,
+    ref_logits, logits: (..., V) -> (...) in fp32 (fp64 for fp64 logits). Differentiable in ``logits`` only: the reference is frozen,
     so ``ref_logits`` is treated as a constant even if it requires grad (TDPO's SeqKL, arXiv 2404.11999 eq. 17).
     """
     if ref_logits.shape != logits.shape:

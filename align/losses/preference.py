@@ -124,7 +124,7 @@ def _sequential_kl(name: str, ref_logits: Tensor | None, logits: Tensor | None, 
     if logits.shape[:-1] != mask.shape:
         raise InputError(f"{name}_logits {tuple(logits.shape)} must be (B, T, V) matching {name}_mask "
                          f"{tuple(mask.shape)}")
-    return masked_sum(kl_from_logits(ref_logits, logits).to(torch.float32), mask, -1)
+    return masked_sum(kl_from_logits(ref_logits, logits), mask, -1)
 
 
 def _tdpo(

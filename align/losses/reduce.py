@@ -55,6 +55,15 @@ class StepNormalizer:
         padded = max(int(m.shape[-1]) for m in parts)
         return cls(tokens, sequences, float(generation_budget if generation_budget is not None else padded))
 
+    @classmethod
+    def combine(cls, parts: Iterable[StepNormalizer]) -> StepNormalizer:
+        """Counts of several shards of one step (what :meth:`all_reduce` computes across ranks)."""
+        parts = list(parts)
+        if not parts:
+            raise InputError("StepNormalizer.combine needs at least one part")
+        return cls(sum(p.num_tokens for p in parts), sum(p.num_sequences for p in parts),
+                   max(p.length_norm for p in parts))
+
     def all_reduce(self, group: object | None = None) -> StepNormalizer:
         """Sum the counts over data-parallel ranks (and take the max padded length) with ``torch.distributed``.
 
