@@ -49,6 +49,8 @@ def _validate(rewards: Tensor, mask: Tensor, group_ids: Tensor) -> None:
 
 
 def _float(rewards: Tensor) -> Tensor:
+    """Detached rewards in float32 (float64 kept): advantages are constants of the policy loss."""
+    rewards = rewards.detach()
     return rewards if rewards.dtype == torch.float64 else rewards.to(torch.float32)
 
 

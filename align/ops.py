@@ -212,8 +212,8 @@ def selective_log_softmax(
 ) -> Tensor:
     """log softmax(logits / temperature)[token_id] for every position, in fp32 or better, chunked over rows.
 
-    logits: (..., V) any float dtype; token_ids: (...) long. Returns (...) in fp32 (fp64 for fp64 logits). Differentiable in ``logits``;
-    the backward recomputes each chunk's softmax instead of storing it.
+    logits: (..., V) any float dtype; token_ids: (...) long. Returns (...) in fp32 (fp64 for fp64 logits).
+    Differentiable in ``logits``; the backward recomputes each chunk's softmax instead of storing it.
     """
     if logits.shape[:-1] != token_ids.shape:
         raise InputError(f"token_ids {tuple(token_ids.shape)} must match logits without the vocabulary dim "
@@ -260,8 +260,8 @@ class _Entropy(torch.autograd.Function):
 def entropy_from_logits(logits: Tensor, *, temperature: float = 1.0, chunk_rows: int | None = None) -> Tensor:
     """Full-vocabulary entropy H(softmax(logits / temperature)) per position, fp32, chunked over rows.
 
-    logits: (..., V) -> (...) in fp32 (fp64 for fp64 logits). Differentiable (for entropy bonuses); wrap in ``torch.no_grad()`` for
-    diagnostics and GTPO's entropy filter.
+    logits: (..., V) -> (...) in fp32 (fp64 for fp64 logits). Differentiable (for entropy bonuses); wrap in
+    ``torch.no_grad()`` for diagnostics and GTPO's entropy filter.
     """
     if temperature <= 0:
         raise InputError(f"temperature must be > 0, got {temperature}")
@@ -297,8 +297,8 @@ class _ForwardKL(torch.autograd.Function):
 def kl_from_logits(ref_logits: Tensor, logits: Tensor, *, chunk_rows: int | None = None) -> Tensor:
     """Forward KL(pi_ref(.|s_t) || pi_theta(.|s_t)) over the full vocabulary at each position, chunked.
 
-    ref_logits, logits: (..., V) -> (...) in fp32 (fp64 for fp64 logits). Differentiable in ``logits`` only: the reference is frozen,
-    so ``ref_logits`` is treated as a constant even if it requires grad (TDPO's SeqKL, arXiv 2404.11999 eq. 17).
+    ref_logits, logits: (..., V) -> (...) in fp32 (fp64 for fp64 logits). Differentiable in ``logits`` only: the
+    reference is frozen, so ``ref_logits`` is treated as a constant even if it requires grad (TDPO's SeqKL, arXiv 2404.11999 eq. 17).
     """
     if ref_logits.shape != logits.shape:
         raise InputError(f"reference logits {tuple(ref_logits.shape)} and policy logits {tuple(logits.shape)} "
