@@ -298,7 +298,8 @@ def kl_from_logits(ref_logits: Tensor, logits: Tensor, *, chunk_rows: int | None
     """Forward KL(pi_ref(.|s_t) || pi_theta(.|s_t)) over the full vocabulary at each position, chunked.
 
     ref_logits, logits: (..., V) -> (...) in fp32 (fp64 for fp64 logits). Differentiable in ``logits`` only: the
-    reference is frozen, so ``ref_logits`` is treated as a constant even if it requires grad (TDPO's SeqKL, arXiv 2404.11999 eq. 17).
+    reference is frozen, so ``ref_logits`` is treated as a constant even if it requires grad (TDPO's SeqKL,
+    arXiv 2404.11999 eq. 17).
     """
     if ref_logits.shape != logits.shape:
         raise InputError(f"reference logits {tuple(ref_logits.shape)} and policy logits {tuple(logits.shape)} "
