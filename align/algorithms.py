@@ -58,7 +58,7 @@ class AlgorithmSpec:
     policy_loss: str | None = None
     loss_kwargs: Mapping[str, Any] = field(default_factory=dict)
     reducer: str | None = None
-    length_norm: int | None = None  # L_norm of seq_mean_token_sum_norm; None = padded length of the step
+    generation_budget: int | None = None  # L_norm of seq_mean_token_sum_norm; None = padded length of the step
     kl: str | None = None
     kl_coef: float = 0.0
     kl_placement: KLPlacement = "loss"
@@ -141,8 +141,9 @@ def _check_policy(spec: AlgorithmSpec) -> None:
     _lookup(REDUCERS, spec.reducer)
     _check_kl(spec)
     _check_granularity(spec)
-    if spec.length_norm is not None and (spec.reducer != "seq_mean_token_sum_norm" or spec.length_norm <= 0):
-        raise _refuse(spec, f"length_norm={spec.length_norm} is only used by reducer 'seq_mean_token_sum_norm' "
+    budget = spec.generation_budget
+    if budget is not None and (spec.reducer != "seq_mean_token_sum_norm" or budget <= 0):
+        raise _refuse(spec, f"generation_budget={budget} is only used by reducer 'seq_mean_token_sum_norm' "
                       "and must be a positive token count", "remove it or switch to that reducer")
 
 
@@ -165,11 +166,12 @@ def _check_kl(spec: AlgorithmSpec) -> None:
 
 def _check_granularity(spec: AlgorithmSpec) -> None:
     assert spec.advantage is not None and spec.policy_loss is not None
-    advantage_level = ADVANTAGES.info(spec.advantage)["granularity"]
+    # entries registered without metadata are assumed to vary per token (the cautious reading)
+    advantage_level = ADVANTAGES.info(spec.advantage).get("granularity", "token")
     credit_level = None
     if spec.credit is not None:
         credit_level = _lookup(CREDIT_LEVELS, spec.credit)
-    ratio = POLICY_LOSSES.info(spec.policy_loss)["ratio"]
+    ratio = POLICY_LOSSES.info(spec.policy_loss).get("ratio", "token")
     if credit_level == "token" and advantage_level == "sequence":
         raise _refuse(spec, f"credit {spec.credit!r} gives per-token rewards but advantage {spec.advantage!r} sums "
                       "them back into one scalar per sequence", "use advantage='dense_group' (group baseline that "

@@ -49,7 +49,7 @@ def policy_objective(
     needed when the spec puts a KL term in the loss; entropy, token_ids and group_ids (B,) are needed by gtpo.
     """
     algorithm = resolve(spec)
-    normalizer = StepNormalizer.from_masks(mask, generation_budget=algorithm.length_norm)
+    normalizer = StepNormalizer.from_masks(mask, generation_budget=algorithm.generation_budget)
     inputs = PolicyInputs(logp=logp, old_logp=old_logp, advantages=advantages, mask=mask, token_ids=token_ids,
                           group_ids=group_ids, entropy=entropy)
     loss, metrics = policy_step_loss(algorithm, inputs, normalizer, ref_logp=ref_logp)

@@ -30,11 +30,12 @@ CONFLICT_MODES: tuple[str, ...] = ("prefix_suffix", "any_position")
 
 
 def _raw_conflicts(tokens: Tensor, valid: Tensor, positive: Tensor, negative: Tensor) -> Tensor:
-    """(G, T) bool: token of row i at t also occurs at t in some positive and some negative row of the group."""
+    """(G, T) bool: row i is signed and its token at t also occurs at t in a positive and a negative row."""
     same = (tokens.unsqueeze(1) == tokens.unsqueeze(0)) & valid.unsqueeze(1) & valid.unsqueeze(0)  # (G, G, T)
     in_positive = (same & positive.view(1, -1, 1)).any(1)  # (G, T)
     in_negative = (same & negative.view(1, -1, 1)).any(1)
-    return in_positive & in_negative & valid
+    signed = (positive | negative).unsqueeze(-1)  # rows with A = 0 never hold conflict tokens
+    return in_positive & in_negative & valid & signed
 
 
 def _contiguous_run(raw: Tensor, valid: Tensor) -> Tensor:

@@ -52,7 +52,7 @@ REFUSALS = [
     (lambda: replace(GRPO, kl_placement="both"), "kl_placement must be", "pick one"),
     (lambda: replace(GRPO, loss_kwargs={"epsilon": 0.2}), "no option 'epsilon'", "eps_low, eps_high, dual_clip"),
     (lambda: replace(GRPO, advantage_kwargs={"std": False}), "no option 'std'", "scale_by_std"),
-    (lambda: replace(GRPO, length_norm=4096), "only used by reducer", "seq_mean_token_sum_norm"),
+    (lambda: replace(GRPO, generation_budget=4096), "only used by reducer", "seq_mean_token_sum_norm"),
     (lambda: replace(GRPO, policy_loss=None), "needs policy_loss", "ppo_clip"),
     (lambda: replace(GRPO, preference_loss="dpo"), "takes no preference_loss", "kind='preference'"),
     (lambda: replace(PRESETS.get("dpo"), has_reference=False), "has_reference=False", "simpo"),

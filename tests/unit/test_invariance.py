@@ -12,6 +12,8 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from align import functional as F
 from align.algorithms import PRESETS, AlgorithmSpec
@@ -143,3 +145,16 @@ def test_real_two_rank_all_reduce_equals_whole_batch() -> None:
         total, grad = out[rank]
         assert total == pytest.approx(loss.item(), abs=1e-12)
         torch.testing.assert_close(grad, logp.grad, rtol=0, atol=1e-12)
+
+
+# --- any partition of the rows, drawn by hypothesis ------------------------------------------------------------
+@settings(max_examples=25, deadline=None)
+@given(labels=st.lists(st.integers(0, 3), min_size=12, max_size=12), preset=st.sampled_from(["dapo", "grpo",
+                                                                                             "dr_grpo", "rloo"]))
+def test_any_row_partition_equals_whole(labels: list[int], preset: str) -> None:
+    parts = [[i for i, lab in enumerate(labels) if lab == k] for k in range(4)]
+    parts = [p for p in parts if p]
+    b = batch_for("ppo_clip")
+    (whole, g_whole), (split, g_split) = whole_and_split(PRESETS.get(preset), b, parts, per_rank_norm=True)
+    torch.testing.assert_close(split, whole, rtol=0, atol=1e-12)
+    torch.testing.assert_close(g_split, g_whole, rtol=0, atol=1e-12)

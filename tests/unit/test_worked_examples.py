@@ -97,7 +97,7 @@ def test_grpo_population_std_coefficients(worked: Batch) -> None:
 
 def test_dr_grpo_coefficients(worked: Batch) -> None:
     adv = F.advantages("dr_grpo", rewards=worked.rewards, mask=worked.mask, group_ids=worked.group_ids)
-    c, objective = gradient_coefficients(DR_GRPO.with_options(length_norm=8), worked, adv)
+    c, objective = gradient_coefficients(DR_GRPO.with_options(generation_budget=8), worked, adv)
     close(c[:, 0], [0.015625, -0.015625, -0.015625, 0.015625])
     close(c.sum(-1), [0.046875, -0.078125, -0.03125, 0.0625])
     close(objective, 0.0)
@@ -152,7 +152,7 @@ def test_perturbed_surrogate_sums(worked: Batch, perturbed: torch.Tensor) -> Non
 
 def test_perturbed_dr_grpo(worked: Batch, perturbed: torch.Tensor) -> None:
     adv = F.advantages("dr_grpo", rewards=worked.rewards, mask=worked.mask, group_ids=worked.group_ids)
-    c, objective = gradient_coefficients(DR_GRPO.with_options(length_norm=8), worked, adv, perturbed)
+    c, objective = gradient_coefficients(DR_GRPO.with_options(generation_budget=8), worked, adv, perturbed)
     close(objective, 0.00625)
     close(c[0, 0], 0.0)
     close(c[1, 0], 0.0)
