@@ -11,12 +11,8 @@ tool output and any token excluded from the loss.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 from torch import Tensor
 
 Metrics = dict[str, Tensor]
 """Detached scalar tensors keyed by a metric name such as ``"clip_frac"``."""
 
-Kwargs = Mapping[str, object]
-"""Hyperparameters handed to a registered function as keyword arguments."""
