@@ -31,11 +31,17 @@ from align.losses import KL_ESTIMATORS, POLICY_LOSSES, PREFERENCE_LOSSES, REDUCE
 from align.registry import Registry
 
 CREDIT_LEVELS: Registry[str] = Registry("credit module")
-"""Granularity ("sequence" or "token") of each credit-assignment module, keyed by the module's name.
+"""What each credit-assignment module produces, keyed by its name:
 
-Credit modules live above the core (``rewards.credit``) and register their granularity here when imported, so the
-compatibility check can reason about them without importing upward.
+* ``"sequence"``: token rewards that carry no information beyond the sequence reward (``uniform``, ``last_token``);
+  summing them back to a scalar loses nothing;
+* ``"token_rewards"``: token rewards that differ inside a sequence; they need a token-level advantage estimator;
+* ``"token_weights"``: multiplicative weights applied to the advantages after the estimator.
+
+Credit modules live above the core (``rewards.credit``) and register here when imported, so the compatibility check
+can reason about them without importing upward.
 """
+CREDIT_KINDS = ("sequence", "token_rewards", "token_weights")
 
 Kind = Literal["policy", "preference"]
 KLPlacement = Literal["loss", "reward"]
@@ -172,14 +178,18 @@ def _check_granularity(spec: AlgorithmSpec) -> None:
     if spec.credit is not None:
         credit_level = _lookup(CREDIT_LEVELS, spec.credit)
     ratio = POLICY_LOSSES.info(spec.policy_loss).get("ratio", "token")
-    if credit_level == "token" and advantage_level == "sequence":
+    if credit_level not in (None, *CREDIT_KINDS):
+        raise _refuse(spec, f"credit module {spec.credit!r} registered an unknown kind {credit_level!r}",
+                      f"register it as one of {', '.join(CREDIT_KINDS)}")
+    if credit_level == "token_rewards" and advantage_level == "sequence":
         raise _refuse(spec, f"credit {spec.credit!r} gives per-token rewards but advantage {spec.advantage!r} sums "
                       "them back into one scalar per sequence", "use advantage='dense_group' (group baseline that "
                       "keeps token rewards), 'reinforce_pp' or 'gae'")
-    token_level = advantage_level == "token" or credit_level == "token"
+    token_credit = credit_level in ("token_rewards", "token_weights")
+    token_level = advantage_level == "token" or token_credit
     if ratio == "sequence":
         if token_level:
-            source = f"credit {spec.credit!r}" if credit_level == "token" else f"advantage {spec.advantage!r}"
+            source = f"credit {spec.credit!r}" if token_credit else f"advantage {spec.advantage!r}"
             raise _refuse(spec, f"policy loss 'gspo' uses one ratio and one advantage per sequence but {source} "
                           "varies per token", "use policy_loss='gspo_token' (sequence trust region, token credit)")
         if spec.reducer != "seq_mean_token_mean":

@@ -13,8 +13,10 @@ REQUIRED_PRESETS = {"grpo", "dr_grpo", "dapo", "gspo", "gspo_token", "gtpo", "rl
                     "simpo", "tdpo", "cdpo", "tgdpo"}
 
 # Credit modules register their granularity from above the core; the tests register two stand-ins.
-CREDIT_LEVELS.register("test_token_credit", "token")
+CREDIT_LEVELS.register("test_token_credit", "token_rewards")
+CREDIT_LEVELS.register("test_weight_credit", "token_weights")
 CREDIT_LEVELS.register("test_sequence_credit", "sequence")
+CREDIT_LEVELS.register("test_odd_credit", "per_character")
 
 
 def test_every_required_preset_exists_and_is_valid() -> None:
@@ -44,6 +46,9 @@ REFUSALS = [
     (lambda: replace(GSPO, credit="test_token_credit", advantage="dense_group"), "varies per token", "gspo_token"),
     (lambda: replace(GSPO, reducer="token_mean"), "weight each sequence by its length", "seq_mean_token_mean"),
     (lambda: replace(GRPO, credit="test_token_credit"), "sums them back", "dense_group"),
+    (lambda: replace(GSPO, credit="test_weight_credit"), "varies per token", "gspo_token"),
+    (lambda: replace(GTPO, credit="test_weight_credit"), "varies per token", "dr_grpo"),
+    (lambda: replace(GRPO, credit="test_odd_credit"), "unknown kind 'per_character'", "token_weights"),
     (lambda: replace(GTPO, advantage="reinforce_pp"), "varies per token", "dr_grpo"),
     (lambda: replace(GRPO, has_reference=False), "needs a reference model", "kl=None"),
     (lambda: replace(GRPO, kl_coef=0.0), "for nothing", "kl_coef > 0"),
@@ -78,6 +83,7 @@ def test_coherent_token_level_compositions_are_accepted() -> None:
                                 advantage="dense_group")
     assert token_credit_gspo.credit == "test_token_credit"
     assert replace(GRPO, credit="test_sequence_credit").credit == "test_sequence_credit"
+    assert replace(GRPO, credit="test_weight_credit").credit == "test_weight_credit"  # weights act after GRPO
     assert replace(GRPO, advantage="gae").advantage == "gae"  # token advantages with a token ratio
     assert SIMPO.has_reference is False
 
