@@ -24,7 +24,7 @@ def contrastive_scores(x: CreditInputs, positive: TokenLogProbModel, negative: T
     not available and s_t = min(1, exp((1 + lam) log p+ - lam log p-)) is used instead (stated departure). (B, T).
     """
     if isinstance(positive, LogitsModel) and isinstance(negative, LogitsModel):
-        combined = (1 + lam) * response_logits(positive, x).float() - lam * response_logits(negative, x).float()
+        combined = (1 + lam) * response_logits(positive, x) - lam * response_logits(negative, x)
         return selective_log_softmax(combined, x.token_ids).exp().to(x.dtype)
     log_s = (1 + lam) * response_logprobs(positive, x) - lam * response_logprobs(negative, x)
     return log_s.clamp(max=0.0).exp()

@@ -65,4 +65,6 @@ def _group_normalise(scores: list[list[float]], groups: list[int], eps: float) -
         pooled.setdefault(g, []).extend(row)
     stats = {g: (statistics.mean(v), statistics.stdev(v)) if len(v) > 1 else (0.0, 1.0)
              for g, v in pooled.items() if v}
-    return [[(s - stats[g][0]) / (stats[g][1] + eps) for s in row] for row, g in zip(scores, groups, strict=True)]
+    # a group whose step scores are all equal carries no signal: its scores normalise to 0, never 0/0
+    return [[(s - stats[g][0]) / (stats[g][1] + eps) if stats[g][1] + eps > 0 else 0.0 for s in row]
+            for row, g in zip(scores, groups, strict=True)]

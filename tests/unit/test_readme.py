@@ -18,10 +18,11 @@ def test_readme_shows_the_two_commands() -> None:
 
 def test_readme_python_snippets_run() -> None:
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
-    assert len(blocks) >= 3
+    assert len(blocks) >= 4
     checks = (
         "\nassert spec.policy_loss == 'sign_pg'\nassert mine.policy_loss == 'cispo'\n"
-        "assert loss.dim() == 0 and logp.grad is not None\nprint('readme ok')\n"
+        "assert loss.dim() == 0 and logp.grad is not None\n"
+        "assert scores.total.tolist() == [1.0] and scores.valid.tolist() == [True]\nprint('readme ok')\n"
     )
     out = subprocess.run([sys.executable, "-c", "\n".join(blocks) + checks], capture_output=True, text=True,
                          timeout=120)
