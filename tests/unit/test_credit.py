@@ -173,7 +173,7 @@ def loop_thr(x: CreditInputs) -> torch.Tensor:
         sd = statistics.stdev(r)
         vocab = sorted({int(x.token_ids[i, t]) for i in rows for t in range(x.mask.shape[1]) if x.mask[i, t]})
 
-        def g_vec(i: int, t: int) -> torch.Tensor:
+        def g_vec(i: int, t: int, vocab: list[int] = vocab) -> torch.Tensor:
             probs = torch.softmax(x.logits[i, t].double(), -1)[vocab]
             onehot = torch.tensor([float(v == int(x.token_ids[i, t])) for v in vocab], dtype=torch.float64)
             return onehot - probs
