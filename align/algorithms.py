@@ -119,7 +119,7 @@ def check_spec(spec: AlgorithmSpec) -> None:
 
 
 def _check_preference(spec: AlgorithmSpec) -> None:
-    stray = [f for f in ("advantage", "policy_loss", "reducer", "kl", "credit") if getattr(spec, f) is not None]
+    stray = [f for f in ("advantage", "policy_loss", "reducer", "kl") if getattr(spec, f) is not None]
     if stray:
         raise _refuse(spec, f"a preference algorithm takes no {', '.join(stray)}",
                       "remove them, or use kind='policy' for on-policy RL")
@@ -128,6 +128,13 @@ def _check_preference(spec: AlgorithmSpec) -> None:
                       f"choose one of {', '.join(PREFERENCE_LOSSES.names())}")
     fn = _lookup(PREFERENCE_LOSSES, spec.preference_loss)
     _check_kwargs(spec, f"preference loss {spec.preference_loss!r}", fn, spec.preference_kwargs, skip=1)
+    if spec.credit is not None:
+        wanted = {"cdpo": "token_weights", "tgdpo": "token_rewards"}.get(spec.preference_loss)
+        level = _lookup(CREDIT_LEVELS, spec.credit)
+        if wanted is None or level != wanted:
+            raise _refuse(spec, f"credit {spec.credit!r} ({level}) has no role in preference loss "
+                          f"{spec.preference_loss!r}", "cdpo takes token weights (contrastive_critical), tgdpo token "
+                          "rewards (implicit_dpo); other preference losses take no credit")
     if PREFERENCE_LOSSES.info(spec.preference_loss).get("reference") and not spec.has_reference:
         raise _refuse(spec, f"{spec.preference_loss} compares against a reference model but has_reference=False",
                       "use preference_loss='simpo' (reference-free) or provide a reference model")

@@ -1,3 +1,3 @@
 """Built-in rewards; importing this package registers them."""
 
-from rewards.functions import code, length, matching, repetition, reward_model  # noqa: F401
+from rewards.functions import code, length, matching, repetition, reward_model, tasks  # noqa: F401

@@ -62,6 +62,7 @@ REFUSALS = [
     (lambda: replace(GRPO, preference_loss="dpo"), "takes no preference_loss", "kind='preference'"),
     (lambda: replace(PRESETS.get("dpo"), has_reference=False), "has_reference=False", "simpo"),
     (lambda: replace(PRESETS.get("dpo"), advantage="grpo"), "takes no advantage", "kind='policy'"),
+    (lambda: replace(PRESETS.get("dpo"), credit="test_token_credit"), "has no role", "cdpo takes token weights"),
     (lambda: replace(PRESETS.get("dpo"), preference_kwargs={"gamma": 1.0}), "no option 'gamma'", "label_smoothing"),
     (lambda: replace(GRPO, credit="no_such_credit"), "unknown credit module", "test_token_credit"),
     (lambda: AlgorithmSpec(kind="offline"), "kind must be", "pick one"),

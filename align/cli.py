@@ -1,0 +1,150 @@
+"""The ``align`` command line: train, validate, eval, list, sft.
+
+Recipe and input errors print one line and exit with code 2; nothing prints a traceback for a user mistake.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from align.errors import AlignError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="RL alignment with token- and sequence-level objectives.")
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*tensor.detach.*")
+
+
+def _fail(err: BaseException) -> None:
+    typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=2)
+
+
+@app.command()
+def train(
+    recipe: Annotated[Path, typer.Argument(help="recipe YAML")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="key.path=value overrides")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="continue the newest run of this recipe")] = False,
+    resume_from: Annotated[Path | None, typer.Option(help="continue this run directory")] = None,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="plain log lines instead of a bar")] = False,
+) -> None:
+    """Train from a recipe; the run lands in runs/<name>-<time>/."""
+    _quiet_libraries()
+    from align import api
+
+    try:
+        result = api.train(recipe, *(overrides or []), resume=resume_from or resume,
+                           progress=False if no_progress else None)
+    except AlignError as err:
+        _fail(err)
+    else:
+        typer.echo(f"run: {result.run_dir}")
+
+
+@app.command()
+def validate(
+    recipe: Annotated[Path, typer.Argument(help="recipe YAML")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="key.path=value overrides")] = None,
+) -> None:
+    """Check a recipe (keys, types, registry names, plugins, algorithm coherence) without running it."""
+    from align import api
+
+    try:
+        config = api.resolve_recipe(recipe, tuple(overrides or []))
+        api.load_plugins_and_check(config)
+        spec = config.algorithm_spec()
+    except AlignError as err:
+        _fail(err)
+    else:
+        typer.echo(f"ok: {config.name} ({spec.name}: {spec.kind}, "
+                   f"{spec.policy_loss or spec.preference_loss}, {spec.reducer or 'pairwise'})")
+
+
+@app.command("list")
+def list_registries() -> None:
+    """Every registry and its names."""
+    from rich.console import Console
+    from rich.table import Table
+
+    import rewards
+    from align.advantages import ADVANTAGES
+    from align.algorithms import PRESETS
+    from align.data.tasks import TASKS
+    from align.losses import KL_ESTIMATORS, POLICY_LOSSES, PREFERENCE_LOSSES, REDUCERS
+    from rewards.credit import CREDIT
+
+    table = Table(title="align registries")
+    table.add_column("registry")
+    table.add_column("names")
+    for label, registry in (("algorithm presets", PRESETS), ("policy losses", POLICY_LOSSES),
+                            ("reducers", REDUCERS), ("KL estimators", KL_ESTIMATORS),
+                            ("advantage estimators", ADVANTAGES), ("preference losses", PREFERENCE_LOSSES),
+                            ("rewards", rewards.REWARDS), ("credit modules", CREDIT), ("tasks", TASKS)):
+        table.add_row(label, ", ".join(registry.names()))
+    Console().print(table)
+
+
+@app.command(name="eval")
+def evaluate(
+    target: Annotated[str, typer.Argument(help="a run directory or a model directory")],
+    data: Annotated[str, typer.Option("--data", help="a task name (arithmetic, countdown, sorting) or a dataset")],
+    reward: Annotated[str, typer.Option(help="verifier reward")] = "exact_match",
+    size: Annotated[int, typer.Option(help="number of held-out prompts")] = 500,
+    max_new_tokens: Annotated[int, typer.Option()] = 8,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Greedy held-out accuracy of a trained run or any model directory."""
+    _quiet_libraries()
+    from align import api
+
+    try:
+        accuracy = api.evaluate(target, data=data, reward=reward, size=size, max_new_tokens=max_new_tokens,
+                                seed=seed)
+    except AlignError as err:
+        _fail(err)
+    else:
+        typer.echo(f"held-out accuracy: {100 * accuracy:.1f}%")
+
+
+@app.command()
+def sft(
+    recipe: Annotated[Path, typer.Argument(help="recipe YAML (its model and data sections)")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="key.path=value overrides")] = None,
+) -> None:
+    """Supervised warm start: build (or reuse) the recipe's base model and print where it is."""
+    _quiet_libraries()
+    from align import api
+
+    try:
+        config = api.resolve_recipe(recipe, tuple(overrides or []))
+        path = api.prepare_base_model(config, log=typer.echo)
+    except AlignError as err:
+        _fail(err)
+    else:
+        typer.echo(f"model: {path}")
+
+
+def main(argv: list[str] | None = None) -> Any:
+    return app(args=argv if argv is not None else sys.argv[1:])
+
+
+if __name__ == "__main__":
+    main()

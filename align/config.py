@@ -1,0 +1,328 @@
+"""Recipes: YAML files of registry names, parsed into typed models, with ``key=value`` overrides.
+
+A malformed recipe (unknown key, wrong type, unknown registry name, impossible combination, missing file, bad YAML)
+raises :class:`RecipeError` with one line naming the key path, what was wrong and the valid choices; the CLI prints
+it and exits with code 2, never with a traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from align.algorithms import PRESETS, AlgorithmSpec
+from align.errors import AlignError, UnknownNameError
+
+
+class RecipeError(AlignError, ValueError):
+    """A recipe that cannot run; the message is one line."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SFTWarmup(_Section):
+    """Supervised warm start of a tiny base model built offline (cached by its settings)."""
+
+    steps: int = Field(400, ge=0)
+    lr: float = Field(3e-3, gt=0)
+    batch_size: int = Field(128, ge=1)
+    target_accuracy: float | None = Field(0.4, gt=0, le=1)  # stop early once held-out accuracy reaches this
+    eval_every: int = Field(25, ge=1)
+
+
+class TinyModel(_Section):
+    hidden_size: int = Field(128, ge=8)
+    num_layers: int = Field(4, ge=1)
+    num_heads: int = Field(4, ge=1)
+    intermediate_size: int = Field(512, ge=8)
+
+
+class ModelSection(_Section):
+    path: str = "tiny"  # "tiny" (built offline for the task), a local HF directory, or a hub id
+    tokenizer: str | None = None  # defaults to the model path
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    tiny: TinyModel = TinyModel()
+    sft_warmup: SFTWarmup | None = SFTWarmup()
+    cache_dir: str | None = None  # where tiny base models are cached; default ~/.cache/align/models
+
+
+class DataSection(_Section):
+    task: Literal["arithmetic", "countdown", "sorting"] | None = "arithmetic"
+    task_options: dict[str, Any] = Field(default_factory=dict)
+    path: str | None = None  # JSONL, Parquet, a saved dataset directory, or a hub dataset name
+    subset: str | None = None  # the hub dataset's configuration (e.g. "main" for openai/gsm8k)
+    split: str = "train"
+    eval_split: str | None = "test"
+    prompt_column: str = "prompt"
+    answer_column: str = "answer"
+    answer_regex: str | None = None  # keep the first group of this regex from each answer (e.g. "#### (.*)")
+    chat_template: bool = False  # render each prompt as a user turn with the tokenizer's chat template
+    system_prompt: str | None = None  # with chat_template: a system turn before it
+    train_size: int = Field(20000, ge=1)
+    eval_size: int = Field(500, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _path_replaces_default_task(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("path") is not None and "task" not in data:
+            return {**data, "task": None}
+        return data
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataSection:
+        if (self.task is None) == (self.path is None):
+            raise ValueError("set exactly one of data.task (a synthetic task) and data.path (a dataset)")
+        return self
+
+
+class RolloutSection(_Section):
+    engine: Literal["hf", "vllm"] = "hf"
+    samples_per_prompt: int = Field(8, ge=1)
+    prompts_per_step: int = Field(16, ge=1)
+    max_new_tokens: int = Field(8, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+
+
+class AlgorithmSection(_Section):
+    preset: str = "grpo"
+    overrides: dict[str, Any] = Field(default_factory=dict)  # AlgorithmSpec fields, e.g. {kl: null, kl_coef: 0}
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, name: str) -> str:
+        if name not in PRESETS:
+            raise ValueError(_choices("unknown algorithm preset", name, PRESETS.names()))
+        return name
+
+    @model_validator(mode="after")
+    def _coherent_overrides(self) -> AlgorithmSection:
+        self.spec()
+        return self
+
+    def spec(self) -> AlgorithmSpec:
+        preset = PRESETS.get(self.preset)
+        unknown = sorted(set(self.overrides) - set(AlgorithmSpec.__dataclass_fields__) - {"name"})
+        if unknown:
+            raise ValueError(f"unknown AlgorithmSpec field {unknown[0]!r}; valid: "
+                             f"{', '.join(sorted(AlgorithmSpec.__dataclass_fields__))}")
+        return preset.with_options(**self.overrides) if self.overrides else preset
+
+
+class RewardEntry(_Section):
+    name: str
+    weight: float = 1.0
+    options: dict[str, Any] = Field(default_factory=dict)
+    on_failure: Literal["drop", "fallback"] = "drop"
+    fallback: float = 0.0
+    timeout: float | None = Field(None, gt=0)
+
+
+class CreditSection(_Section):
+    name: str
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class LearnerSection(_Section):
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    scheduler: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    micro_batch_size: int = Field(64, ge=1)
+    steps: int = Field(100, ge=1)
+    updates_per_batch: int = Field(1, ge=1)  # > 1 makes later updates off-policy (ratios leave 1)
+    beta: float | None = None  # preference losses: shorthand for algorithm.overrides.preference_kwargs.beta
+
+
+class LoraSection(_Section):
+    enabled: bool = False
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    merge_on_save: bool = False
+
+
+class RuntimeSection(_Section):
+    backend: Literal["local", "ray"] = "local"
+    device: str = "cpu"
+    threads: int | None = Field(None, ge=1)  # torch intra-op threads; None = leave as is
+
+
+class LoggingSection(_Section):
+    dir: str = "runs"
+    tensorboard: bool = True
+    eval_every: int = Field(25, ge=1)
+    progress: bool = True
+
+
+class CheckpointSection(_Section):
+    every: int = Field(50, ge=1)
+    keep: int = Field(2, ge=1)
+
+
+class Recipe(_Section):
+    name: str = "run"
+    seed: int = 0
+    plugins: list[str] = Field(default_factory=list)
+    model: ModelSection = ModelSection()
+    data: DataSection = DataSection()
+    rollout: RolloutSection = RolloutSection()
+    algorithm: AlgorithmSection = AlgorithmSection()
+    rewards: list[RewardEntry] = Field(default_factory=list)
+    credit: CreditSection | None = None
+    learner: LearnerSection = LearnerSection()
+    lora: LoraSection = LoraSection()
+    runtime: RuntimeSection = RuntimeSection()
+    logging: LoggingSection = LoggingSection()
+    checkpoint: CheckpointSection = CheckpointSection()
+
+    @model_validator(mode="after")
+    def _coherent(self) -> Recipe:
+        spec = self.algorithm.spec()
+        group_based = spec.advantage in ("grpo", "dr_grpo", "rloo", "dense_group", "reinforce_pp_baseline")
+        if spec.kind == "policy" and self.rollout.samples_per_prompt < 2 and group_based:
+            raise ValueError(f"rollout.samples_per_prompt must be >= 2 because {spec.advantage} compares samples "
+                             f"of the same prompt; got {self.rollout.samples_per_prompt}")
+        if spec.kind == "policy" and not self.rewards:
+            raise ValueError("a policy algorithm needs at least one entry under rewards (e.g. - name: exact_match)")
+        if self.credit is not None and spec.credit not in (None, self.credit.name):
+            raise ValueError(f"credit.name {self.credit.name!r} differs from the algorithm's credit {spec.credit!r}")
+        return self
+
+    def algorithm_spec(self) -> AlgorithmSpec:
+        spec = self.algorithm.spec()
+        if self.credit is not None and spec.credit is None:
+            spec = spec.with_options(credit=self.credit.name)
+        if self.learner.beta is not None and spec.kind == "preference":
+            spec = spec.with_options(preference_kwargs={"beta": self.learner.beta})
+        if spec.has_reference and self.lora.enabled is False and spec.kl is None and spec.kind == "policy":
+            spec = spec.with_options(has_reference=False)  # nothing reads a reference: do not load one
+        return spec
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading, overrides and one-line errors
+# ---------------------------------------------------------------------------------------------------------------
+def _choices(what: str, got: str, known: Sequence[str]) -> str:
+    hint = difflib.get_close_matches(got, known, n=1)
+    maybe = f" (did you mean {hint[0]!r}?)" if hint else ""
+    return f"{what} {got!r}{maybe}; valid: {', '.join(known)}"
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``learner.lr=1e-4`` -> (["learner", "lr"], 0.0001). Values are YAML (so ``[a, b]``, ``null``, ``true``)."""
+    if "=" not in text:
+        raise RecipeError(f"override {text!r} must look like key.path=value (e.g. learner.lr=1e-4)")
+    key, raw = text.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise RecipeError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise RecipeError(f"override {key}: value {raw!r} is not valid YAML ({_first_line(err)})") from None
+    if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+        with contextlib.suppress(ValueError):
+            value = float(value) if any(c in value for c in ".eE") else int(value)
+    return path, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Set each dotted path in a copy of ``data``; list items by index (``rewards.0.weight=2``)."""
+    out: Any = yaml.safe_load(yaml.safe_dump(data)) or {}
+    for text in overrides:
+        path, value = parse_override(text)
+        node = out
+        for i, part in enumerate(path[:-1]):
+            key: Any = int(part) if isinstance(node, list) and part.isdigit() else part
+            if isinstance(node, list):
+                if not isinstance(key, int) or key >= len(node):
+                    raise RecipeError(f"override {'.'.join(path)}: {'.'.join(path[: i + 1])} has no item {part}")
+                node = node[key]
+            else:
+                node = node.setdefault(key, {})
+                if not isinstance(node, (dict, list)):
+                    raise RecipeError(f"override {'.'.join(path)}: {'.'.join(path[: i + 1])} is not a section")
+        last = path[-1]
+        if isinstance(node, list):
+            if not last.isdigit() or int(last) >= len(node):
+                raise RecipeError(f"override {'.'.join(path)}: no list item {last}")
+            node[int(last)] = value
+        else:
+            node[last] = value
+    return out  # type: ignore[no-any-return]
+
+
+def _first_line(err: BaseException) -> str:
+    return " ".join(str(err).split())[:200]
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    kind, msg = first["type"], first["msg"]
+    if not loc:
+        return f"recipe: {msg.removeprefix('Value error, ')}"
+    if kind == "extra_forbidden":
+        section = _section_model([str(p) for p in first["loc"][:-1]])
+        valid = ", ".join(sorted(section.model_fields)) if section else "(see the docs)"
+        return f"recipe key {loc!r}: unknown key; valid keys here: {valid}"
+    got = first.get("input")
+    shown = f"; got {got!r}" if kind not in ("value_error", "missing") and not isinstance(got, dict) else ""
+    msg = msg.removeprefix("Value error, ")
+    return f"recipe key {loc!r}: {msg}{shown}"
+
+
+def _section_model(path: list[str]) -> type[BaseModel] | None:
+    model: type[BaseModel] = Recipe
+    for part in path:
+        if part.isdigit():
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        annotation = field.annotation
+        candidates = [annotation, *getattr(annotation, "__args__", ())]
+        nested = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
+        for c in candidates:
+            nested += [a for a in getattr(c, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not nested:
+            return None
+        model = nested[0]
+    return model
+
+
+def recipe_from_dict(data: Mapping[str, Any]) -> Recipe:
+    """Validate a recipe mapping; errors become one-line :class:`RecipeError`."""
+    try:
+        return Recipe.model_validate(dict(data))
+    except ValidationError as err:
+        raise RecipeError(_format_validation_error(err)) from None
+    except (UnknownNameError, AlignError, ValueError) as err:
+        raise RecipeError(f"recipe: {_first_line(err)}") from None
+
+
+def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
+    """Read a recipe YAML, apply ``key=value`` overrides, validate."""
+    file = Path(path)
+    if not file.is_file():
+        raise RecipeError(f"recipe file {str(file)!r} does not exist")
+    try:
+        data = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise RecipeError(f"recipe {file.name}: not valid YAML: {_first_line(err)}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"recipe {file.name}: the top level must be a mapping of sections, got "
+                          f"{type(data).__name__}")
+    return recipe_from_dict(apply_overrides(data, overrides))

@@ -1,0 +1,112 @@
+"""Synthetic verifiable tasks with held-out splits, generated offline and deterministically from a seed.
+
+Each task returns a ``datasets.DatasetDict`` with ``train`` and ``test`` splits and columns ``prompt`` and
+``answer``; test prompts never occur in train. Prompts are bare strings for a character-level model
+(``"12+35="`` -> ``"47"``); a chat model would wrap them in its template.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from align.errors import InputError
+from align.registry import Registry
+
+TaskBuilder = Callable[..., Any]
+TASKS: Registry[TaskBuilder] = Registry("task")
+
+
+def _split(pairs: list[tuple[str, str]], train_size: int, eval_size: int, seed: int) -> Any:
+    from datasets import Dataset, DatasetDict
+
+    unique = list(dict.fromkeys(pairs))  # a prompt appears once, so the splits are disjoint
+    random.Random(seed).shuffle(unique)
+    if len(unique) <= eval_size:
+        raise InputError(f"the task has only {len(unique)} distinct problems; lower eval_size ({eval_size}) or "
+                         "make the task larger")
+    test, train = unique[:eval_size], unique[eval_size : eval_size + train_size]
+
+    def to_dataset(rows: list[tuple[str, str]]) -> Any:
+        return Dataset.from_dict({"prompt": [p for p, _ in rows], "answer": [a for _, a in rows]})
+
+    return DatasetDict(train=to_dataset(train), test=to_dataset(test))
+
+
+def _sampled(make: Callable[[random.Random], tuple[str, str]], count: int, seed: int) -> list[tuple[str, str]]:
+    rng = random.Random(seed)
+    seen: dict[str, str] = {}
+    attempts = 0
+    while len(seen) < count and attempts < 50 * count:
+        prompt, answer = make(rng)
+        seen.setdefault(prompt, answer)
+        attempts += 1
+    return list(seen.items())
+
+
+@TASKS.register("arithmetic", reward="exact_match")
+def arithmetic(*, train_size: int, eval_size: int, seed: int, digits: int = 2, ops: str = "+") -> Any:
+    """``a<op>b=`` -> the result, with operands of up to ``digits`` digits and ops from ``+-*``."""
+    if digits < 1 or not ops or set(ops) - set("+-*"):
+        raise InputError(f"arithmetic needs digits >= 1 and ops from '+-*', got digits={digits}, ops={ops!r}")
+    top = 10**digits
+    results = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+
+    def every() -> Iterator[tuple[str, str]]:
+        for op in ops:
+            for a, b in itertools.product(range(top), repeat=2):
+                yield f"{a}{op}{b}=", str(results[op](a, b))
+
+    total = len(ops) * top * top
+    if total <= 4 * (train_size + eval_size):
+        pairs = list(every())
+    else:
+        pairs = _sampled(lambda rng: (lambda op, a, b: (f"{a}{op}{b}=", str(results[op](a, b))))(
+            rng.choice(ops), rng.randrange(top), rng.randrange(top)), train_size + eval_size, seed)
+    return _split(pairs, train_size, eval_size, seed)
+
+
+@TASKS.register("sorting", reward="exact_match")
+def sorting(*, train_size: int, eval_size: int, seed: int, length: int = 4) -> Any:
+    """``sort:5291=`` -> ``1259``: the digits in ascending order."""
+    if length < 2:
+        raise InputError(f"sorting needs length >= 2, got {length}")
+
+    def make(rng: random.Random) -> tuple[str, str]:
+        digits = [rng.randrange(10) for _ in range(length)]
+        return f"sort:{''.join(map(str, digits))}=", "".join(map(str, sorted(digits)))
+
+    return _split(_sampled(make, train_size + eval_size, seed), train_size, eval_size, seed)
+
+
+@TASKS.register("countdown", reward="countdown")
+def countdown(*, train_size: int, eval_size: int, seed: int, numbers: int = 3, max_number: int = 9) -> Any:
+    """``3,5,7->22=`` -> an expression over the given numbers (each at most once, + - *) that equals the target;
+    the ``answer`` column holds one such expression (for supervised warm starts); the ``countdown`` reward accepts
+    any correct one."""
+    if numbers < 2 or max_number < 2:
+        raise InputError(f"countdown needs numbers >= 2 and max_number >= 2, got {numbers}, {max_number}")
+
+    def make(rng: random.Random) -> tuple[str, str]:
+        values = [rng.randint(1, max_number) for _ in range(numbers)]
+        expression = str(values[0])
+        for value in values[1:]:
+            expression += rng.choice("+-*") + str(value)
+        target = eval(expression, {"__builtins__": {}})
+        return f"{','.join(map(str, values))}->{target}=", expression
+
+    return _split(_sampled(make, train_size + eval_size, seed), train_size, eval_size, seed)
+
+
+def build_task(name: str, *, train_size: int, eval_size: int, seed: int, **options: Any) -> Any:
+    """The task's DatasetDict; unknown task options fail in one line with the valid ones."""
+    builder = TASKS.get(name)
+    import inspect
+
+    valid = [p for p in inspect.signature(builder).parameters if p not in ("train_size", "eval_size", "seed")]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise InputError(f"task {name!r} has no option {unknown[0]!r}; valid options: {', '.join(valid)}")
+    return builder(train_size=train_size, eval_size=eval_size, seed=seed, **options)

@@ -1,0 +1,357 @@
+"""Running a recipe end to end on the local runtime: build everything, train, evaluate, checkpoint, log.
+
+Part of the composition root with :mod:`align.api` (allowed to import ``rewards``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from align.algorithms import AlgorithmSpec
+from align.api import (
+    TrainResult,
+    _accuracy_entry,
+    _composer,
+    _greedy,
+    _task_verifier,
+    apply_lora,
+    find_resumable_run,
+    load_data,
+    load_model,
+    new_run_dir,
+    prepare_base_model,
+    reference_fn,
+)
+from align.config import Recipe, RecipeError
+from align.data.loading import as_text, load_preference_dataset
+from align.trainers.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from align.trainers.metrics import MetricsLogger
+from align.trainers.optim import build_optimizer, build_scheduler
+from align.trainers.policy import PolicyLoopConfig, PolicyTrainer
+from align.trainers.preference import PairBatch, PreferenceStep, task_pairs
+from align.trainers.protocols import SamplingParams
+from align.trainers.rollout_hf import HFRolloutEngine
+from align.trainers.sampler import PromptSampler
+
+
+class Progress:
+    """A rich progress bar with reward and throughput, or plain log lines."""
+
+    def __init__(self, total: int, start: int, enabled: bool, log: Callable[[str], None]) -> None:
+        self.log, self.bar, self.task = log, None, None
+        if enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+            from rich.progress import Progress as Bar
+
+            self.bar = Bar(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                           TextColumn("{task.fields[info]}"), transient=False)
+            self.task = self.bar.add_task("train", total=total, completed=start, info="")
+            self.bar.start()
+
+    def update(self, step: int, metrics: dict[str, float]) -> None:
+        info = (f"reward {metrics.get('reward/total/mean', float('nan')):.3f}  "
+                f"{metrics.get('throughput/tokens_per_s', 0):.0f} tok/s")
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step, info=info)  # type: ignore[arg-type]
+        elif step % 10 == 0:
+            self.log(f"step {step}: {info}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def render_prompts(prompts: list[Any], tokenizer: Any, recipe: Recipe) -> list[str]:
+    """Prompts as the model sees them: as given, or as a user turn in the chat template."""
+    if not recipe.data.chat_template:
+        return [p if isinstance(p, str) else as_text(p, tokenizer, add_generation_prompt=True) for p in prompts]
+    system = [{"role": "system", "content": recipe.data.system_prompt}] if recipe.data.system_prompt else []
+    return [as_text([*system, {"role": "user", "content": p}] if isinstance(p, str) else p, tokenizer,
+                    add_generation_prompt=True) for p in prompts]
+
+
+def with_rendered_prompts(dataset: Any, tokenizer: Any, recipe: Recipe) -> Any:
+    rendered = render_prompts(dataset["prompt"], tokenizer, recipe)
+    return dataset.remove_columns("prompt").add_column("prompt", rendered)
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def run_policy(recipe: Recipe, spec: AlgorithmSpec, *, resume: str | Path | bool, log: Callable[[str], None],
+               progress: bool) -> TrainResult:
+    torch.manual_seed(recipe.seed)
+    random.seed(recipe.seed)
+    base = prepare_base_model(recipe, log)
+    model, tokenizer = load_model(base, recipe)
+    model = apply_lora(model, recipe)
+    reference = reference_fn(model, recipe, spec)
+    train, test = (with_rendered_prompts(d, tokenizer, recipe) for d in load_data(recipe))
+    from rewards.adapters import ComposerRewardFunction, CreditModuleFunction
+
+    reward_fn = ComposerRewardFunction(_composer(recipe))
+    credit_fn = None if recipe.credit is None else CreditModuleFunction(recipe.credit.name, recipe.credit.options)
+    optimizer = build_optimizer(model, lr=recipe.learner.lr, weight_decay=recipe.learner.weight_decay,
+                                betas=recipe.learner.betas)
+    scheduler = build_scheduler(optimizer, kind=recipe.learner.scheduler, warmup_steps=recipe.learner.warmup_steps,
+                                total_steps=recipe.learner.steps)
+    engine = HFRolloutEngine(model, tokenizer)
+    accuracy_entry = _accuracy_entry(recipe)
+    config = PolicyLoopConfig(
+        steps=recipe.learner.steps, prompts_per_step=recipe.rollout.prompts_per_step,
+        samples_per_prompt=recipe.rollout.samples_per_prompt,
+        sampling=SamplingParams(max_new_tokens=recipe.rollout.max_new_tokens, temperature=recipe.rollout.temperature,
+                                top_p=recipe.rollout.top_p),
+        micro_batch_size=recipe.learner.micro_batch_size, updates_per_batch=recipe.learner.updates_per_batch,
+        max_grad_norm=recipe.learner.max_grad_norm, accuracy_reward=None if accuracy_entry is None
+        else accuracy_entry.name,
+    )
+    columns = {c: train[c] for c in train.column_names if c != "prompt"}
+    trainer = PolicyTrainer(spec=spec, model=model, engine=engine, reward_fn=reward_fn, optimizer=optimizer,
+                            scheduler=scheduler, config=config, prompts=train["prompt"], columns=columns,
+                            sampler=PromptSampler(len(train), recipe.seed), reference=reference,
+                            credit_fn=credit_fn, credit_needs_entropy=bool(getattr(credit_fn, "needs_entropy", 0)))
+    score = _task_verifier(recipe)
+
+    def evaluate() -> float:
+        return _greedy(model, tokenizer, test, score, recipe.rollout.max_new_tokens)
+
+    start_step, before = 0, None
+    if resume:
+        run_dir = find_resumable_run(recipe, resume)
+        checkpoint = latest_checkpoint(run_dir / "checkpoints")
+        assert checkpoint is not None
+        state = load_checkpoint(checkpoint, model=model, optimizer=optimizer, scheduler=scheduler)
+        start_step = state.step
+        trainer.sampler.load_state_dict(state.extra["sampler"])
+        trainer.version = int(state.extra["version"])
+        engine.sync_weights(model, trainer.version)
+        before = state.extra.get("accuracy_before")
+        log(f"resuming {run_dir} from step {start_step}")
+    else:
+        run_dir = new_run_dir(recipe)
+    logger = MetricsLogger(run_dir, tensorboard=recipe.logging.tensorboard)
+    logger.truncate_after(start_step)
+    if before is None:
+        before = evaluate()
+        logger.log(0, {"eval/accuracy": before})
+        log(f"run directory: {run_dir}")
+        log(f"held-out accuracy before training: {_pct(before)}")
+    bar = Progress(recipe.learner.steps, start_step, progress, log)
+    last: dict[str, float] = {}
+    try:
+        for step in range(start_step + 1, recipe.learner.steps + 1):
+            output = trainer.step(step)
+            last = output.metrics
+            if step % recipe.logging.eval_every == 0 or step == recipe.learner.steps:
+                last["eval/accuracy"] = evaluate()
+            logger.log(step, last)
+            bar.update(step, last)
+            if step % recipe.checkpoint.every == 0 or step == recipe.learner.steps:
+                save_checkpoint(run_dir / "checkpoints", step=step, model=model, optimizer=optimizer,
+                                scheduler=scheduler, keep=recipe.checkpoint.keep,
+                                extra={"sampler": trainer.sampler.state_dict(), "version": trainer.version,
+                                       "accuracy_before": before})
+    finally:
+        bar.close()
+        logger.close()
+    after = last.get("eval/accuracy", before)
+    save_final(model, tokenizer, run_dir, recipe)
+    summary = {**last, "eval/accuracy_before": before, "eval/accuracy_after": after}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
+    log(f"held-out accuracy: {_pct(before)} -> {_pct(after)}")
+    return TrainResult(run_dir=run_dir, metrics=summary)
+
+
+def save_final(model: Any, tokenizer: Any, run_dir: Path, recipe: Recipe) -> Path:
+    """The trained model in Hugging Face format (a PEFT adapter under LoRA, merged too if asked)."""
+    final = run_dir / "final"
+    model.save_pretrained(final)
+    tokenizer.save_pretrained(final)
+    if recipe.lora.enabled and recipe.lora.merge_on_save:
+        merged = model.merge_and_unload()
+        merged.save_pretrained(run_dir / "final_merged")
+        tokenizer.save_pretrained(run_dir / "final_merged")
+    return final
+
+
+def run_preference(recipe: Recipe, spec: AlgorithmSpec, *, resume: str | Path | bool, log: Callable[[str], None],
+                   progress: bool) -> TrainResult:
+    torch.manual_seed(recipe.seed)
+    base = prepare_base_model(recipe, log)
+    model, tokenizer = load_model(base, recipe)
+    model = apply_lora(model, recipe)
+    train_pairs, test_pairs, test_prompts = _pairs(recipe)
+    reference = _reference(model, recipe, spec)
+    extras = _token_extras(recipe, spec, model, tokenizer, base)
+    step_fn = PreferenceStep(spec, model, reference, extras, recipe.learner.micro_batch_size)
+    optimizer = build_optimizer(model, lr=recipe.learner.lr, weight_decay=recipe.learner.weight_decay,
+                                betas=recipe.learner.betas)
+    scheduler = build_scheduler(optimizer, kind=recipe.learner.scheduler, warmup_steps=recipe.learner.warmup_steps,
+                                total_steps=recipe.learner.steps)
+    sampler = PromptSampler(len(train_pairs), recipe.seed)
+    held_out = PairBatch(tokenizer, test_pairs["prompt"], test_pairs["chosen"], test_pairs["rejected"])
+    score = _task_verifier(recipe) if recipe.data.task is not None else None
+
+    def evaluate() -> dict[str, float]:
+        model.eval()
+        with torch.no_grad():
+            stats = step_fn(held_out, backward=False)
+        out = {"eval/preference_accuracy": stats["rewards/accuracy"], "eval/loss": stats["loss"]}
+        if score is not None and test_prompts is not None:
+            out["eval/accuracy"] = _greedy(model, tokenizer, test_prompts, score, recipe.rollout.max_new_tokens)
+        model.train()
+        return out
+
+    start_step, before = 0, None
+    if resume:
+        run_dir = find_resumable_run(recipe, resume)
+        checkpoint = latest_checkpoint(run_dir / "checkpoints")
+        assert checkpoint is not None
+        state = load_checkpoint(checkpoint, model=model, optimizer=optimizer, scheduler=scheduler)
+        start_step, before = state.step, state.extra.get("before")
+        sampler.load_state_dict(state.extra["sampler"])
+        log(f"resuming {run_dir} from step {start_step}")
+    else:
+        run_dir = new_run_dir(recipe)
+    logger = MetricsLogger(run_dir, tensorboard=recipe.logging.tensorboard)
+    logger.truncate_after(start_step)
+    if before is None:
+        before = evaluate()
+        logger.log(0, before)
+        log(f"run directory: {run_dir}")
+    bar = Progress(recipe.learner.steps, start_step, progress, log)
+    last: dict[str, float] = {}
+    model.train()
+    try:
+        for step in range(start_step + 1, recipe.learner.steps + 1):
+            index = sampler.next(recipe.rollout.prompts_per_step)
+            rows = train_pairs.select(index)
+            batch = PairBatch(tokenizer, rows["prompt"], rows["chosen"], rows["rejected"])
+            optimizer.zero_grad(set_to_none=True)
+            last = step_fn(batch, backward=True)
+            params = [p for p in model.parameters() if p.requires_grad]
+            if recipe.learner.max_grad_norm is not None:
+                last["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, recipe.learner.max_grad_norm))
+            optimizer.step()
+            scheduler.step()
+            last["lr"] = float(optimizer.param_groups[0]["lr"])
+            if step % recipe.logging.eval_every == 0 or step == recipe.learner.steps:
+                last.update(evaluate())
+            logger.log(step, last)
+            bar.update(step, {"reward/total/mean": last.get("rewards/margin", 0.0)})
+            if step % recipe.checkpoint.every == 0 or step == recipe.learner.steps:
+                save_checkpoint(run_dir / "checkpoints", step=step, model=model, optimizer=optimizer,
+                                scheduler=scheduler, keep=recipe.checkpoint.keep,
+                                extra={"sampler": sampler.state_dict(), "before": before})
+    finally:
+        bar.close()
+        logger.close()
+    save_final(model, tokenizer, run_dir, recipe)
+    summary = {**last, **{f"{k}_before": v for k, v in before.items()}}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
+    b, a = before["eval/preference_accuracy"], last.get("eval/preference_accuracy", float("nan"))
+    log(f"held-out preference accuracy: {100 * b:.1f}% -> {100 * a:.1f}%")
+    if "eval/accuracy" in before:
+        log(f"held-out accuracy: {100 * before['eval/accuracy']:.1f}% -> {100 * last.get('eval/accuracy', 0):.1f}%")
+    return TrainResult(run_dir=run_dir, metrics=summary)
+
+
+def _pairs(recipe: Recipe) -> tuple[Any, Any, Any]:
+    """(train pairs, held-out pairs, held-out prompts with answers for greedy accuracy, or None)."""
+    if recipe.data.task is not None:
+        train, test = load_data(recipe)
+        return task_pairs(train, recipe.seed), task_pairs(test, recipe.seed + 1), test
+    assert recipe.data.path is not None
+    data = load_preference_dataset(recipe.data.path, split=recipe.data.split)
+    split = data.train_test_split(test_size=min(recipe.data.eval_size, max(1, len(data) // 10)), seed=recipe.seed)
+    return split["train"], split["test"], None
+
+
+class _Frozen:
+    def __init__(self, model: Any) -> None:
+        self.model = model
+
+    def __enter__(self) -> Any:
+        return self.model
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _reference(model: Any, recipe: Recipe, spec: AlgorithmSpec) -> Callable[[], Any] | None:
+    """A context manager factory yielding the reference model (LoRA: adapters disabled; else a frozen copy)."""
+    if not spec.has_reference:
+        return None
+    if recipe.lora.enabled:
+        @contextmanager
+        def disabled() -> Iterator[Any]:
+            with model.disable_adapter():
+                yield model
+
+        return disabled
+    frozen = copy.deepcopy(model).eval()
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+    return lambda: _Frozen(frozen)
+
+
+def _token_extras(recipe: Recipe, spec: AlgorithmSpec, model: Any, tokenizer: Any,
+                  base: Path) -> Callable[[PairBatch, Tensor], dict[str, Tensor]] | None:
+    """cdpo token weights / tgdpo token rewards from the recipe's credit module, on chosen and rejected."""
+    if spec.preference_loss not in ("cdpo", "tgdpo"):
+        return None
+    wanted = {"cdpo": "contrastive_critical", "tgdpo": "implicit_dpo"}[spec.preference_loss]
+    if recipe.credit is None or recipe.credit.name != wanted:
+        raise RecipeError(f"recipe key 'credit': {spec.preference_loss} takes its token "
+                          f"{'weights' if wanted == 'contrastive_critical' else 'rewards'} from credit module "
+                          f"{wanted!r}; add credit: {{name: {wanted}, options: {{...}}}}")
+    from transformers import AutoModelForCausalLM
+
+    from rewards.credit import CREDIT, CausalLMScorer, CreditInputs
+
+    def scorer(path: Any) -> Any:
+        target = base if path in (None, "base") else Path(str(path))
+        return CausalLMScorer(AutoModelForCausalLM.from_pretrained(str(target)).eval())
+
+    options = dict(recipe.credit.options)
+    for key in ("positive_model", "negative_model", "dpo_model", "ref_model"):
+        if key in options or (wanted == "implicit_dpo" and key in ("dpo_model", "ref_model")) or (
+                wanted == "contrastive_critical" and key in ("positive_model", "negative_model")):
+            options[key] = scorer(options.get(key))
+    if wanted == "implicit_dpo":
+        options["outcome_weight"] = 0.0
+    module = CREDIT.get(wanted)
+
+    def credit(ids: Tensor, mask: Tensor, prompt_ids: Tensor, prompt_mask: Tensor, reward: float) -> Tensor:
+        n = ids.shape[0]
+        x = CreditInputs(rewards=torch.full((n,), reward), mask=mask, token_ids=ids,
+                         group_ids=torch.arange(n), prompt_ids=prompt_ids, prompt_mask=prompt_mask)
+        return module(x, **options)
+
+    def extras(batch: PairBatch, rows: Tensor) -> dict[str, Tensor]:
+        p, pm = batch.prompt_ids[rows], batch.prompt_mask[rows]
+        chosen = credit(batch.chosen_ids[rows], batch.chosen_mask[rows], p, pm, 1.0)
+        if wanted == "contrastive_critical":  # the rejected side is the "negative" completion: weights 1 - s_t
+            ids, mask = batch.rejected_ids[rows], batch.rejected_mask[rows]
+            n = ids.shape[0]
+            x = CreditInputs(rewards=torch.cat([torch.ones(n), torch.zeros(n)]),
+                             mask=torch.cat([mask, mask]), token_ids=torch.cat([ids, ids]),
+                             group_ids=torch.arange(n).repeat(2), prompt_ids=torch.cat([p, p]),
+                             prompt_mask=torch.cat([pm, pm]))
+            rejected = module(x, **options)[n:]
+            return {"rejected_weights": rejected}
+        rejected = credit(batch.rejected_ids[rows], batch.rejected_mask[rows], p, pm, 0.0)
+        return {"chosen_token_rewards": chosen, "rejected_token_rewards": rejected}
+
+    return extras

@@ -1,0 +1,30 @@
+"""Optimiser and learning-rate schedule of a run."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+
+def build_optimizer(model: Any, *, lr: float, weight_decay: float, betas: tuple[float, float]) -> torch.optim.AdamW:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters (is every layer frozen?)")
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, *, kind: str, warmup_steps: int,
+                    total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    def factor(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        if kind == "linear":
+            return 1.0 - progress
+        if kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

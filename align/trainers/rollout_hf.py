@@ -1,0 +1,65 @@
+"""In-process rollouts with transformers ``generate``: the engine shares the learner's model, so syncing weights
+is only a version bump. Rollout log-probs come from the generation logits at the sampling temperature, so the
+first update of an on-policy step needs no second forward pass for pi_old."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from align.trainers.protocols import Rollout, SamplingParams
+from align.trainers.sequences import encode, mask_after_eos, pad_left
+
+
+class HFRolloutEngine:
+    def __init__(self, model: Any, tokenizer: Any, *, batch_size: int = 256) -> None:
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.weight_version = 0
+        self.pad_id = tokenizer.pad_token_id
+        self.eos_id = tokenizer.eos_token_id
+
+    def sync_weights(self, model: Any, version: int) -> None:
+        self.model = model  # same object in-process: nothing to copy
+        self.weight_version = version
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[str], columns: Mapping[str, Sequence[Any]], *, samples_per_prompt: int,
+                 params: SamplingParams) -> Rollout:
+        repeated = [p for p in prompts for _ in range(samples_per_prompt)]
+        prompt_ids, prompt_mask = pad_left(encode(self.tokenizer, repeated), self.pad_id)
+        chunks = [self._generate(prompt_ids[s : s + self.batch_size], prompt_mask[s : s + self.batch_size], params)
+                  for s in range(0, len(repeated), self.batch_size)]
+        width = max(c[0].shape[1] for c in chunks)
+        ids = torch.cat([torch.nn.functional.pad(c[0], (0, width - c[0].shape[1]), value=self.pad_id)
+                         for c in chunks])
+        logp = torch.cat([torch.nn.functional.pad(c[1], (0, width - c[1].shape[1])) for c in chunks])
+        mask = mask_after_eos(ids, self.eos_id) * (ids != self.pad_id).float()
+        ids = torch.where(mask != 0, ids, torch.full_like(ids, self.pad_id))
+        completions = self.tokenizer.batch_decode([row[m != 0].tolist() for row, m in zip(ids, mask, strict=True)],
+                                                  skip_special_tokens=True)
+        group_ids = torch.arange(len(prompts)).repeat_interleave(samples_per_prompt)
+        cols = {k: [v[i] for i in range(len(prompts)) for _ in range(samples_per_prompt)] for k, v in columns.items()}
+        return Rollout(prompts=repeated, completions=completions, prompt_ids=prompt_ids, prompt_mask=prompt_mask,
+                       completion_ids=ids, mask=mask, logp=logp * mask, group_ids=group_ids,
+                       weight_version=self.weight_version, columns=cols)
+
+    def _generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                  params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
+        was_training = self.model.training
+        self.model.eval()
+        sampling = {} if params.greedy else {"do_sample": True, "temperature": params.temperature,
+                                             "top_p": params.top_p, "top_k": 0}
+        out = self.model.generate(
+            input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=params.max_new_tokens,
+            pad_token_id=self.pad_id, eos_token_id=self.eos_id, return_dict_in_generate=True, output_logits=True,
+            do_sample=not params.greedy, **({k: v for k, v in sampling.items() if k != "do_sample"}),
+        )
+        if was_training:
+            self.model.train()
+        new = out.sequences[:, prompt_ids.shape[1] :]  # (b, t)
+        logits = torch.stack(out.logits, 1).float()  # (b, t, V)
+        temperature = 1.0 if params.greedy else params.temperature
+        logp = torch.log_softmax(logits / temperature, -1).gather(-1, new.unsqueeze(-1)).squeeze(-1)
+        return new, logp

@@ -1,0 +1,79 @@
+"""Tokenisation, padding and the policy forward pass over prompt + completion sequences.
+
+Prompts are left-padded and completions right-padded, so every response starts at column P. Position ids follow
+the attention mask (as ``generate`` does), so a left-padded row gets the same log-probs as the unpadded one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from align.ops import entropy_from_logits, selective_log_softmax
+
+
+def pad_left(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """(B, P) ids and mask, left-padded."""
+    width = max((len(r) for r in rows), default=0)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r) :] = torch.tensor(list(r), dtype=torch.long)
+            mask[i, width - len(r) :] = 1
+    return ids, mask
+
+
+def pad_right(rows: Sequence[Sequence[int]], pad_id: int, width: int | None = None) -> tuple[Tensor, Tensor]:
+    """(B, T) ids and float mask, right-padded."""
+    width = max((len(r) for r in rows), default=0) if width is None else width
+    ids = torch.full((len(rows), max(width, 1)), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), max(width, 1)), dtype=torch.float32)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, : len(r)] = torch.tensor(list(r), dtype=torch.long)
+            mask[i, : len(r)] = 1.0
+    return ids, mask
+
+
+def encode(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids without special tokens added."""
+    out: list[list[int]] = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    return out
+
+
+def mask_after_eos(ids: Tensor, eos_id: int) -> Tensor:
+    """(B, T) float mask: 1 up to and including the first EOS."""
+    is_eos = (ids == eos_id).long()
+    before = (is_eos.cumsum(-1) - is_eos) == 0
+    return before.float()
+
+
+def response_forward(
+    model: Any,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    completion_ids: Tensor,
+    completion_mask: Tensor,
+    *,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    return_logits: bool = False,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Log-probs (B, T) of the completion tokens, optionally their entropy (B, T, no grad) and logits (B, T, V)."""
+    p = prompt_ids.shape[1]
+    t = completion_ids.shape[1]
+    input_ids = torch.cat([prompt_ids, completion_ids], 1)
+    attention = torch.cat([prompt_mask.long(), torch.ones_like(completion_ids)], 1)
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=input_ids, attention_mask=attention, position_ids=positions).logits
+    predicting = logits[:, p - 1 : p + t - 1]  # (B, T, V): position p-1+s predicts completion token s
+    logp = selective_log_softmax(predicting, completion_ids, temperature=temperature)
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            entropy = entropy_from_logits(predicting.detach(), temperature=temperature)
+    return logp, entropy, (predicting / temperature if return_logits else None)
