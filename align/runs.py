@@ -58,8 +58,11 @@ class Progress:
             self.bar.start()
 
     def update(self, step: int, metrics: dict[str, float]) -> None:
-        info = (f"reward {metrics.get('reward/total/mean', float('nan')):.3f}  "
-                f"{metrics.get('throughput/tokens_per_s', 0):.0f} tok/s")
+        if "reward/total/mean" in metrics:
+            info = (f"reward {metrics['reward/total/mean']:.3f}  "
+                    f"{metrics.get('throughput/tokens_per_s', 0):.0f} tok/s")
+        else:
+            info = f"loss {metrics.get('loss', float('nan')):.4f}  margin {metrics.get('rewards/margin', 0):.3f}"
         if self.bar is not None:
             self.bar.update(self.task, completed=step, info=info)  # type: ignore[arg-type]
         elif step % 10 == 0:
@@ -84,16 +87,20 @@ def with_rendered_prompts(dataset: Any, tokenizer: Any, recipe: Recipe) -> Any:
     return dataset.remove_columns("prompt").add_column("prompt", rendered)
 
 
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
 def run_policy(recipe: Recipe, spec: AlgorithmSpec, *, resume: str | Path | bool, log: Callable[[str], None],
                progress: bool) -> TrainResult:
-    torch.manual_seed(recipe.seed)
-    random.seed(recipe.seed)
     base = prepare_base_model(recipe, log)
     model, tokenizer = load_model(base, recipe)
+    seed_everything(recipe.seed)  # after the (maybe cached) base model: building it consumes random numbers
     model = apply_lora(model, recipe)
     reference = reference_fn(model, recipe, spec)
     train, test = (with_rendered_prompts(d, tokenizer, recipe) for d in load_data(recipe))
@@ -126,6 +133,7 @@ def run_policy(recipe: Recipe, spec: AlgorithmSpec, *, resume: str | Path | bool
     def evaluate() -> float:
         return _greedy(model, tokenizer, test, score, recipe.rollout.max_new_tokens)
 
+    seed_everything(recipe.seed + 1)  # the training stream starts from a known state (a resume restores its own)
     start_step, before = 0, None
     if resume:
         run_dir = find_resumable_run(recipe, resume)
@@ -187,9 +195,9 @@ def save_final(model: Any, tokenizer: Any, run_dir: Path, recipe: Recipe) -> Pat
 
 def run_preference(recipe: Recipe, spec: AlgorithmSpec, *, resume: str | Path | bool, log: Callable[[str], None],
                    progress: bool) -> TrainResult:
-    torch.manual_seed(recipe.seed)
     base = prepare_base_model(recipe, log)
     model, tokenizer = load_model(base, recipe)
+    seed_everything(recipe.seed)
     model = apply_lora(model, recipe)
     train_pairs, test_pairs, test_prompts = _pairs(recipe)
     reference = _reference(model, recipe, spec)
@@ -213,6 +221,7 @@ def run_preference(recipe: Recipe, spec: AlgorithmSpec, *, resume: str | Path | 
         model.train()
         return out
 
+    seed_everything(recipe.seed + 1)
     start_step, before = 0, None
     if resume:
         run_dir = find_resumable_run(recipe, resume)
@@ -249,7 +258,7 @@ def run_preference(recipe: Recipe, spec: AlgorithmSpec, *, resume: str | Path | 
             if step % recipe.logging.eval_every == 0 or step == recipe.learner.steps:
                 last.update(evaluate())
             logger.log(step, last)
-            bar.update(step, {"reward/total/mean": last.get("rewards/margin", 0.0)})
+            bar.update(step, last)
             if step % recipe.checkpoint.every == 0 or step == recipe.learner.steps:
                 save_checkpoint(run_dir / "checkpoints", step=step, model=model, optimizer=optimizer,
                                 scheduler=scheduler, keep=recipe.checkpoint.keep,
