@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml tools/setup_venv.sh
 	touch $(STAMP)
 
 quickstart: venv
-	$(BIN)/python -m align.demo
+	$(BIN)/align train recipes/quickstart.yaml
 
 lint: venv
 	$(BIN)/ruff check .

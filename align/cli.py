@@ -51,12 +51,9 @@ def train(
     from align import api
 
     try:
-        result = api.train(recipe, *(overrides or []), resume=resume_from or resume,
-                           progress=False if no_progress else None)
+        api.train(recipe, *(overrides or []), resume=resume_from or resume, progress=False if no_progress else None)
     except AlignError as err:
         _fail(err)
-    else:
-        typer.echo(f"run: {result.run_dir}")
 
 
 @app.command()

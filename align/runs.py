@@ -34,12 +34,12 @@ from align.api import (
 from align.config import Recipe, RecipeError
 from align.data.loading import as_text, load_preference_dataset
 from align.trainers.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from align.trainers.engines import get_engine_factory, vllm_installed
 from align.trainers.metrics import MetricsLogger
 from align.trainers.optim import build_optimizer, build_scheduler
 from align.trainers.policy import PolicyLoopConfig, PolicyTrainer
 from align.trainers.preference import PairBatch, PreferenceStep, task_pairs
 from align.trainers.protocols import SamplingParams
-from align.trainers.rollout_hf import HFRolloutEngine
 from align.trainers.sampler import PromptSampler
 
 
@@ -87,6 +87,21 @@ def with_rendered_prompts(dataset: Any, tokenizer: Any, recipe: Recipe) -> Any:
     return dataset.remove_columns("prompt").add_column("prompt", rendered)
 
 
+def build_engine(model: Any, tokenizer: Any, base: Path, recipe: Recipe) -> Any:
+    name = recipe.rollout.engine
+    if name == "auto":
+        name = "vllm" if vllm_installed() and recipe.runtime.device.startswith("cuda") else "hf"
+    options = dict(recipe.rollout.engine_options)
+    if name == "vllm":
+        options.setdefault("device", "cuda" if recipe.runtime.device.startswith("cuda") else "cpu")
+        options.setdefault("dtype", recipe.model.dtype)
+        options.setdefault("seed", recipe.seed)
+    try:
+        return get_engine_factory(name)(model, tokenizer, base, options)
+    except TypeError as err:
+        raise RecipeError(f"recipe key 'rollout.engine_options': {err}") from None
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
@@ -112,7 +127,7 @@ def run_policy(recipe: Recipe, spec: AlgorithmSpec, *, resume: str | Path | bool
                                 betas=recipe.learner.betas)
     scheduler = build_scheduler(optimizer, kind=recipe.learner.scheduler, warmup_steps=recipe.learner.warmup_steps,
                                 total_steps=recipe.learner.steps)
-    engine = HFRolloutEngine(model, tokenizer)
+    engine = build_engine(model, tokenizer, base, recipe)
     accuracy_entry = _accuracy_entry(recipe)
     config = PolicyLoopConfig(
         steps=recipe.learner.steps, prompts_per_step=recipe.rollout.prompts_per_step,

