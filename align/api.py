@@ -73,6 +73,12 @@ def load_plugins_and_check(recipe: Recipe) -> None:
             rewards.REWARDS.get(entry.name).check_options(entry.options)
         except Exception as err:
             raise RecipeError(f"recipe key 'rewards.{i}.options': {err}") from None
+    for i, name in enumerate(recipe.logging.credit_diagnostics):
+        if name not in CREDIT:
+            from align.config import _choices
+
+            raise RecipeError(f"recipe key 'logging.credit_diagnostics.{i}': " + _choices("unknown credit module",
+                                                                                         name, CREDIT.names()))
     if recipe.credit is not None and recipe.credit.name not in CREDIT:
         from align.config import _choices
 

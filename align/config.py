@@ -165,8 +165,16 @@ class RuntimeSection(_Section):
 class LoggingSection(_Section):
     dir: str = "runs"
     tensorboard: bool = True
+    backends: list[Literal["wandb", "mlflow"]] = Field(default_factory=list)  # extra trackers (optional installs)
+    project: str = "align"  # wandb project / mlflow experiment name
     eval_every: int = Field(25, ge=1)
     progress: bool = True
+    # token-level samples for `align report`: a few completions per sampled step, with per-token credit
+    sample_every: int | None = Field(None, ge=1)  # None = at every evaluation
+    samples_per_step: int = Field(4, ge=0)
+    samples_max_mb: float = Field(5.0, gt=0)
+    credit_diagnostics: list[str] = Field(default_factory=lambda: ["uniform", "last_token", "discounted",
+                                                                    "gtpo_conflict"])
 
 
 class CheckpointSection(_Section):

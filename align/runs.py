@@ -41,6 +41,7 @@ from align.trainers.policy import PolicyLoopConfig, PolicyTrainer
 from align.trainers.preference import PairBatch, PreferenceStep, task_pairs
 from align.trainers.protocols import SamplingParams
 from align.trainers.sampler import PromptSampler
+from align.trainers.samples import SampleRecorder
 
 
 class Progress:
@@ -100,6 +101,29 @@ def build_engine(model: Any, tokenizer: Any, base: Path, recipe: Recipe) -> Any:
         return get_engine_factory(name)(model, tokenizer, base, options)
     except TypeError as err:
         raise RecipeError(f"recipe key 'rollout.engine_options': {err}") from None
+
+
+def credit_diagnostics(names: list[str]) -> Any:
+    """Per-token credit of the named modules on recorded samples (modules that need inputs the rollout lacks, such
+    as auxiliary models or entropy, are skipped)."""
+    if not names:
+        return None
+    from align.errors import InputError
+    from rewards.credit import CREDIT, CreditInputs
+
+    def diagnose(rollout: Any, rewards: Tensor) -> dict[str, Tensor]:
+        x = CreditInputs(rewards=rewards.to(torch.float32), mask=rollout.mask, token_ids=rollout.completion_ids,
+                         group_ids=rollout.group_ids, prompt_ids=rollout.prompt_ids, prompt_mask=rollout.prompt_mask,
+                         logp=rollout.logp)
+        out = {}
+        for name in names:
+            try:
+                out[name] = CREDIT.get(name)(x)
+            except (InputError, TypeError):
+                continue
+        return out
+
+    return diagnose
 
 
 def seed_everything(seed: int) -> None:
@@ -165,6 +189,11 @@ def run_policy(recipe: Recipe, spec: AlgorithmSpec, *, resume: str | Path | bool
         run_dir = new_run_dir(recipe)
     logger = MetricsLogger(run_dir, tensorboard=recipe.logging.tensorboard)
     logger.truncate_after(start_step)
+    samples = SampleRecorder(run_dir, tokenizer, per_step=recipe.logging.samples_per_step,
+                             max_bytes=int(recipe.logging.samples_max_mb * 2**20),
+                             diagnostics=credit_diagnostics(recipe.logging.credit_diagnostics))
+    samples.truncate_after(start_step)
+    sample_every = recipe.logging.sample_every or recipe.logging.eval_every
     if before is None:
         before = evaluate()
         logger.log(0, {"eval/accuracy": before})
@@ -176,6 +205,9 @@ def run_policy(recipe: Recipe, spec: AlgorithmSpec, *, resume: str | Path | bool
         for step in range(start_step + 1, recipe.learner.steps + 1):
             output = trainer.step(step)
             last = output.metrics
+            if (step == 1 or step % sample_every == 0) and output.rollout is not None:
+                assert output.rewards is not None and output.advantages is not None
+                samples.record(step, output.rollout, output.rewards, output.advantages, output.credit)
             if step % recipe.logging.eval_every == 0 or step == recipe.learner.steps:
                 last["eval/accuracy"] = evaluate()
             logger.log(step, last)

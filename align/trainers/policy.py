@@ -44,8 +44,10 @@ class PolicyLoopConfig:
 @dataclass
 class StepOutput:
     metrics: dict[str, float]
-    rollout: Rollout | None = None
-    advantages: Tensor | None = None
+    rollout: Rollout | None = None  # the rows trained on
+    rewards: Tensor | None = None  # (B,) their sequence rewards
+    advantages: Tensor | None = None  # (B, T)
+    credit: dict[str, Tensor] = field(default_factory=dict)  # the credit module's (B, T) output, by name
 
 
 @dataclass
@@ -95,7 +97,7 @@ class PolicyTrainer:
         batch = rollout.select(keep)
         rewards = result.rewards[keep]
         update_start = time.perf_counter()
-        advantages, ref_logp, extra = self._advantages(batch, rewards)
+        advantages, ref_logp, extra, credit = self._advantages(batch, rewards)
         metrics.update(extra)
         metrics.update(self._update(batch, advantages, ref_logp))
         self.version += 1
@@ -103,7 +105,7 @@ class PolicyTrainer:
         metrics["weight_version"] = float(self.version)
         tokens = int(batch.mask.sum())
         metrics.update(self._timing(start, rollout_time, time.perf_counter() - update_start, tokens))
-        return StepOutput(metrics, batch, advantages)
+        return StepOutput(metrics, batch, rewards, advantages, credit)
 
     def _sample(self) -> Rollout:
         index = self.sampler.next(self.config.prompts_per_step)
@@ -112,8 +114,9 @@ class PolicyTrainer:
         return self.engine.generate(prompts, columns, samples_per_prompt=self.config.samples_per_prompt,
                                     params=self.config.sampling)
 
-    def _advantages(self, batch: Rollout, rewards: Tensor) -> tuple[Tensor, Tensor | None, dict[str, float]]:
-        spec, metrics = self.spec, {}
+    def _advantages(self, batch: Rollout,
+                    rewards: Tensor) -> tuple[Tensor, Tensor | None, dict[str, float], dict[str, Tensor]]:
+        spec, metrics, credit_out = self.spec, {}, {}
         ref_logp = None
         if spec.kl is not None:
             assert self.reference is not None
@@ -131,6 +134,7 @@ class PolicyTrainer:
         if self.credit_fn is not None:
             entropy = self._entropy(batch) if self.credit_needs_entropy else None
             credit = self.credit_fn(batch, rewards, logp=batch.logp, entropy=entropy, token_rewards=token_rewards)
+            credit_out[spec.credit or "credit"] = credit.values
             if credit.output == "rewards":
                 estimator_input = credit.values.to(torch.float32)
             else:
@@ -141,7 +145,7 @@ class PolicyTrainer:
             advantages = advantages * weights
         metrics["advantage/mean"] = float(masked_mean(advantages, batch.mask))
         metrics["advantage/abs_mean"] = float(masked_mean(advantages.abs(), batch.mask))
-        return advantages.to(torch.float32), ref_logp, metrics
+        return advantages.to(torch.float32), ref_logp, metrics, credit_out
 
     @torch.no_grad()
     def _entropy(self, batch: Rollout) -> Tensor:
