@@ -139,6 +139,22 @@ def sft(
         typer.echo(f"model: {path}")
 
 
+@app.command()
+def report(
+    runs: Annotated[list[Path], typer.Argument(help="one or more run directories")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="HTML file to write")] = Path("report.html"),
+) -> None:
+    """A self-contained HTML report: learning curves side by side, and per-token credit heatmaps."""
+    from align.report import write_report
+
+    try:
+        path = write_report(runs, output)
+    except AlignError as err:
+        _fail(err)
+    else:
+        typer.echo(f"report: {path}")
+
+
 def main(argv: list[str] | None = None) -> Any:
     return app(args=argv if argv is not None else sys.argv[1:])
 

@@ -187,7 +187,8 @@ def run_policy(recipe: Recipe, spec: AlgorithmSpec, *, resume: str | Path | bool
         log(f"resuming {run_dir} from step {start_step}")
     else:
         run_dir = new_run_dir(recipe)
-    logger = MetricsLogger(run_dir, tensorboard=recipe.logging.tensorboard)
+    logger = MetricsLogger(run_dir, tensorboard=recipe.logging.tensorboard, backends=recipe.logging.backends,
+                           project=recipe.logging.project, config=recipe.model_dump(mode="json"))
     logger.truncate_after(start_step)
     samples = SampleRecorder(run_dir, tokenizer, per_step=recipe.logging.samples_per_step,
                              max_bytes=int(recipe.logging.samples_max_mb * 2**20),
@@ -280,7 +281,8 @@ def run_preference(recipe: Recipe, spec: AlgorithmSpec, *, resume: str | Path | 
         log(f"resuming {run_dir} from step {start_step}")
     else:
         run_dir = new_run_dir(recipe)
-    logger = MetricsLogger(run_dir, tensorboard=recipe.logging.tensorboard)
+    logger = MetricsLogger(run_dir, tensorboard=recipe.logging.tensorboard, backends=recipe.logging.backends,
+                           project=recipe.logging.project, config=recipe.model_dump(mode="json"))
     logger.truncate_after(start_step)
     if before is None:
         before = evaluate()

@@ -1,0 +1,228 @@
+"""``align report``: one self-contained HTML page per set of runs (no network needed to view it).
+
+Learning curves (inline SVG) for several runs side by side, and sampled completions with each token coloured by its
+credit (advantage, token reward or weight) on a diverging scale, with the value on hover. Reads ``metrics.jsonl``,
+``samples.jsonl``, ``recipe.yaml`` and ``summary.json`` from each run directory.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from align.errors import InputError
+from align.trainers.metrics import read_metrics
+from align.trainers.samples import read_samples
+
+PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2"]
+CURVES: list[tuple[str, list[str]]] = [
+    ("Reward", ["reward/total/mean"]),
+    ("Accuracy (training samples)", ["accuracy"]),
+    ("Held-out accuracy", ["eval/accuracy"]),
+    ("KL to the reference", ["kl"]),
+    ("Entropy", ["entropy"]),
+    ("Clip fraction", ["clip_frac", "seq_clip_frac"]),
+    ("Response length (mean)", ["response_length/mean"]),
+    ("Throughput (tokens/s)", ["throughput/tokens_per_s"]),
+    ("Preference accuracy (held-out)", ["eval/preference_accuracy"]),
+    ("Loss", ["loss"]),
+]
+
+
+def _series(rows: list[dict[str, Any]], key: str) -> list[tuple[float, float]]:
+    return [(float(r["step"]), float(r[key])) for r in rows if isinstance(r.get(key), (int, float))
+            and math.isfinite(r[key])]
+
+
+def _reward_curves(runs: list[dict[str, Any]]) -> list[tuple[str, list[str]]]:
+    names = sorted({k for run in runs for row in run["metrics"] for k in row
+                    if k.startswith("reward/") and k.endswith("/mean") and k != "reward/total/mean"})
+    return [(f"Reward: {k.split('/')[1]}", [k]) for k in names]
+
+
+def svg_chart(title: str, lines: list[tuple[str, str, list[tuple[float, float]]]], width: int = 460,
+              height: int = 220) -> str:
+    """An inline SVG line chart. lines: (label, colour, [(x, y), ...])."""
+    points = [p for _, _, pts in lines for p in pts]
+    left, right, top, bottom = 52, 10, 26, 30
+    x0, x1 = min(p[0] for p in points), max(p[0] for p in points)
+    y0, y1 = min(p[1] for p in points), max(p[1] for p in points)
+    if x1 == x0:
+        x1 = x0 + 1
+    if y1 == y0:
+        y0, y1 = y0 - 0.5, y1 + 0.5
+
+    def sx(x: float) -> float:
+        return left + (x - x0) / (x1 - x0) * (width - left - right)
+
+    def sy(y: float) -> float:
+        return top + (1 - (y - y0) / (y1 - y0)) * (height - top - bottom)
+
+    parts = [f'<svg class="chart" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
+             f'aria-label="{html.escape(title)}">',
+             f'<text x="{left}" y="16" class="chart-title">{html.escape(title)}</text>',
+             f'<line x1="{left}" y1="{height - bottom}" x2="{width - right}" y2="{height - bottom}" class="axis"/>',
+             f'<line x1="{left}" y1="{top}" x2="{left}" y2="{height - bottom}" class="axis"/>']
+    for value in (y0, (y0 + y1) / 2, y1):
+        parts.append(f'<text x="{left - 4}" y="{sy(value) + 4:.1f}" class="tick" text-anchor="end">{value:.3g}</text>')
+    for value in (x0, x1):
+        parts.append(f'<text x="{sx(value):.1f}" y="{height - bottom + 14}" class="tick" '
+                     f'text-anchor="middle">{value:.0f}</text>')
+    for label, colour, pts in lines:
+        if not pts:
+            continue
+        path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)
+        parts.append(f'<polyline class="curve" points="{path}" fill="none" stroke="{colour}" stroke-width="1.6">'
+                     f'<title>{html.escape(label)}</title></polyline>')
+        if len(pts) == 1:
+            parts.append(f'<circle cx="{sx(pts[0][0]):.1f}" cy="{sy(pts[0][1]):.1f}" r="3" fill="{colour}"/>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def credit_colour(value: float, scale: float) -> str:
+    """Diverging scale: blue for negative, white at 0, red for positive; |value| = scale is full colour."""
+    t = 0.0 if scale <= 0 else max(-1.0, min(1.0, value / scale))
+    if t >= 0:
+        return f"rgb(255,{round(255 * (1 - 0.75 * t))},{round(255 * (1 - 0.75 * t))})"
+    return f"rgb({round(255 * (1 + 0.75 * t))},{round(255 * (1 + 0.6 * t))},255)"
+
+
+def _show(token: str) -> str:
+    return html.escape(token.replace("\n", "⏎").replace(" ", "·") or "∅")
+
+
+def token_heatmap(samples: list[dict[str, Any]], module: str) -> str:
+    """Rows of coloured tokens for one credit module; the scale is the largest |credit| among them."""
+    values = [v for s in samples for v in s["credit"].get(module, [])]
+    scale = max((abs(v) for v in values), default=0.0)
+    rows = []
+    for s in samples:
+        credit = s["credit"].get(module)
+        if credit is None:
+            continue
+        spans = "".join(f'<span class="tok" style="background:{credit_colour(v, scale)}" data-credit="{v:.6g}" '
+                        f'title="{html.escape(module)}: {v:.4g}">{_show(t)}</span>'
+                        for t, v in zip(s["tokens"], credit, strict=True))
+        rows.append(f'<div class="sample"><span class="meta">reward {s["reward"]:+.3f}</span>'
+                    f'<span class="prompt">{html.escape(s["prompt"])}</span>{spans}</div>')
+    legend = (f'<div class="legend"><span>{-scale if scale else 0.0:.3g}</span><span class="bar"></span><span>{scale:.3g}</span>'
+              f'<span class="legend-note">{html.escape(module)} (0 is white)</span></div>')
+    return legend + "".join(rows)
+
+
+def _load_run(path: Path) -> dict[str, Any]:
+    if not (path / "metrics.jsonl").is_file():
+        raise InputError(f"{path}: not a run directory (no metrics.jsonl)")
+    recipe = yaml.safe_load((path / "recipe.yaml").read_text()) if (path / "recipe.yaml").is_file() else {}
+    summary = json.loads((path / "summary.json").read_text()) if (path / "summary.json").is_file() else {}
+    return {"path": path, "name": path.name, "recipe": recipe or {}, "summary": summary,
+            "metrics": read_metrics(path), "samples": read_samples(path)}
+
+
+def _chosen_steps(samples: list[dict[str, Any]], count: int = 3) -> list[int]:
+    steps = sorted({s["step"] for s in samples})
+    if len(steps) <= count:
+        return steps
+    return sorted({steps[0], steps[len(steps) // 2], steps[-1]})
+
+
+def build_report(run_dirs: Sequence[str | Path]) -> str:
+    """The HTML page for one or more runs."""
+    if not run_dirs:
+        raise InputError("align report needs at least one run directory")
+    runs = [_load_run(Path(p)) for p in run_dirs]
+    colours = {run["name"]: PALETTE[i % len(PALETTE)] for i, run in enumerate(runs)}
+    charts = []
+    for title, keys in CURVES[:1] + _reward_curves(runs) + CURVES[1:]:
+        lines = []
+        for run in runs:
+            for key in keys:
+                pts = _series(run["metrics"], key)
+                if pts:
+                    lines.append((f"{run['name']} {key}", colours[run["name"]], pts))
+                    break
+        if lines:
+            charts.append(svg_chart(title, lines))
+    legend = "".join(f'<span class="run-key"><span class="swatch" style="background:{colours[r["name"]]}"></span>'
+                     f'{html.escape(r["name"])}</span>' for r in runs)
+    overview = "".join(_overview_row(run) for run in runs)
+    heatmaps = "".join(_run_tokens(run) for run in runs)
+    return _PAGE.format(title=html.escape(", ".join(r["name"] for r in runs)), legend=legend, overview=overview,
+                        charts="".join(charts), heatmaps=heatmaps)
+
+
+def _overview_row(run: dict[str, Any]) -> str:
+    algorithm = run["recipe"].get("algorithm", {}).get("preset", "?")
+    summary = run["summary"]
+    before, after = summary.get("eval/accuracy_before"), summary.get("eval/accuracy_after")
+    accuracy = f"{100 * before:.1f}% → {100 * after:.1f}%" if before is not None and after is not None else "–"
+    steps = max((r["step"] for r in run["metrics"]), default=0)
+    return (f"<tr><td>{html.escape(run['name'])}</td><td>{html.escape(str(algorithm))}</td><td>{steps}</td>"
+            f"<td>{accuracy}</td></tr>")
+
+
+def _run_tokens(run: dict[str, Any]) -> str:
+    samples = run["samples"]
+    if not samples:
+        return f"<section><h3>{html.escape(run['name'])}</h3><p>No token samples were logged.</p></section>"
+    parts = [f"<section class='tokens'><h3>{html.escape(run['name'])}</h3>"]
+    for step in _chosen_steps(samples):
+        chosen = [s for s in samples if s["step"] == step]
+        modules = list(dict.fromkeys(m for s in chosen for m in s["credit"]))
+        parts.append(f"<h4>step {step}: {len(chosen)} completions of <code>{html.escape(chosen[0]['prompt'])}"
+                     "</code></h4>")
+        for i, module in enumerate(modules):
+            opened = " open" if i == 0 else ""
+            parts.append(f"<details class='module'{opened}><summary>{html.escape(module)}</summary>"
+                         f"{token_heatmap(chosen, module)}</details>")
+    parts.append("</section>")
+    return "".join(parts)
+
+
+def write_report(run_dirs: Sequence[str | Path], output: str | Path) -> Path:
+    out = Path(output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(build_report(run_dirs))
+    return out
+
+
+_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>align report: {title}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 24px; color: #222; }}
+h1 {{ font-size: 20px; }} h2 {{ font-size: 17px; margin-top: 28px; }} h4 {{ font-weight: 500; margin: 14px 0 6px; }}
+table {{ border-collapse: collapse; }}
+td, th {{ border-bottom: 1px solid #ddd; padding: 4px 10px; text-align: left; }}
+.charts {{ display: flex; flex-wrap: wrap; gap: 10px; }}
+.chart {{ border: 1px solid #eee; background: #fff; }}
+.chart-title {{ font-size: 12px; font-weight: 600; }} .tick {{ font-size: 10px; fill: #666; }}
+.axis {{ stroke: #999; stroke-width: 1; }}
+.run-key {{ margin-right: 14px; }} .swatch {{ display: inline-block; width: 12px; height: 12px; margin-right: 4px; }}
+.sample {{ font-family: ui-monospace, monospace; margin: 3px 0; }}
+.meta {{ display: inline-block; width: 130px; color: #555; white-space: nowrap; }}
+.prompt {{ color: #888; margin-right: 2px; }}
+.tok {{ padding: 1px 1px; border-radius: 2px; }}
+.legend {{ display: flex; align-items: center; gap: 6px; font-size: 12px; margin: 6px 0; }}
+.legend .bar {{ width: 160px; height: 10px; background: linear-gradient(to right, rgb(64,102,255), #fff,
+  rgb(255,64,64)); border: 1px solid #ccc; }}
+.legend-note {{ color: #666; }}
+details.module summary {{ cursor: pointer; font-size: 13px; }}
+</style></head><body>
+<h1>align report</h1>
+<div>{legend}</div>
+<table><tr><th>run</th><th>algorithm</th><th>steps</th><th>held-out accuracy</th></tr>{overview}</table>
+<h2>Learning curves</h2>
+<div class="charts">{charts}</div>
+<h2>Where the credit goes</h2>
+<p>Sampled completions of one prompt per chosen step. Each token is coloured by its credit: red pushed up, blue
+pushed down, white none; hover a token for its value.</p>
+{heatmaps}
+</body></html>
+"""
