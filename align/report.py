@@ -112,7 +112,8 @@ def token_heatmap(samples: list[dict[str, Any]], module: str) -> str:
                         for t, v in zip(s["tokens"], credit, strict=True))
         rows.append(f'<div class="sample"><span class="meta">reward {s["reward"]:+.3f}</span>'
                     f'<span class="prompt">{html.escape(s["prompt"])}</span>{spans}</div>')
-    legend = (f'<div class="legend"><span>{-scale if scale else 0.0:.3g}</span><span class="bar"></span><span>{scale:.3g}</span>'
+    low = -scale if scale else 0.0
+    legend = (f'<div class="legend"><span>{low:.3g}</span><span class="bar"></span><span>{scale:.3g}</span>'
               f'<span class="legend-note">{html.escape(module)} (0 is white)</span></div>')
     return legend + "".join(rows)
 
