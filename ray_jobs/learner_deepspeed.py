@@ -1,0 +1,125 @@
+"""A DeepSpeed learner rank (ZeRO stage 2 or 3; gloo on CPU, NCCL on GPU) computing exactly the local runtime's loss.
+
+Each rank takes whole groups of the step's batch. The step-wide normaliser is all-reduced first, so every rank's
+loss is its share of the global loss; DeepSpeed averages gradients over ranks, so the share is multiplied by the
+world size and the averaged gradient is the gradient of the whole step, as in the local runtime. Used in-process by
+tests (two ranks in two processes) and inside Ray actors by :mod:`ray_jobs.group`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from safetensors.torch import save as save_safetensors
+from torch import Tensor
+
+from align.algorithms import AlgorithmSpec
+from align.losses import PolicyInputs, StepNormalizer
+from align.objective import policy_step_loss
+from align.trainers.sequences import response_forward
+
+SHARD_KEYS = ("prompt_ids", "prompt_mask", "completion_ids", "mask", "logp", "advantages", "group_ids")
+
+
+@dataclass(frozen=True)
+class LearnerConfig:
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    zero_stage: int = 2
+    temperature: float = 1.0
+    backend: str = "gloo"  # "nccl" on GPUs
+    seed: int = 0
+    optimizer: str = "adamw"  # "sgd" makes a step equal to -lr * gradient (used to compare gradients exactly)
+
+
+def deepspeed_config(config: LearnerConfig) -> dict[str, Any]:
+    cfg: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": config.zero_stage},
+        "zero_allow_untested_optimizer": True,  # a plain torch AdamW: no JIT-compiled optimizer on CPU
+        "steps_per_print": 10**9,
+    }
+    if config.max_grad_norm is not None:
+        cfg["gradient_clipping"] = config.max_grad_norm
+    return cfg
+
+
+class DeepSpeedLearner:
+    """One rank. ``model`` is a loaded causal LM (every rank loads the same weights)."""
+
+    def __init__(self, model: Any, spec: AlgorithmSpec, config: LearnerConfig, *, rank: int, world_size: int,
+                 master_addr: str = "127.0.0.1", master_port: int = 29500) -> None:
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                          MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/align/torch_extensions"))
+        import deepspeed
+
+        # The shared-memory comm op is JIT-compiled with g++ on first use (25-35 s); gloo serves on CPU.
+        compatible = getattr(deepspeed.ops, "__compatible_ops__", None)
+        if isinstance(compatible, dict):
+            compatible["deepspeed_shm_comm"] = False
+        torch.manual_seed(config.seed)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer: torch.optim.Optimizer = (
+            torch.optim.SGD(params, lr=config.lr) if config.optimizer == "sgd"
+            else torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay))
+        deepspeed.init_distributed(dist_backend=config.backend, auto_mpi_discovery=False)
+        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(config))
+        self.spec, self.config = spec, config
+        self.rank, self.world_size = rank, world_size
+        self.version = 0
+
+    def step(self, shard: dict[str, Tensor], ref_logp: Tensor | None = None) -> dict[str, float]:
+        """One optimiser step over this rank's rows; returns the loss share and stats of this rank."""
+        import torch.distributed as dist
+
+        mask = shard["mask"]
+        local = StepNormalizer.from_masks(mask)
+        normalizer = local.all_reduce() if dist.is_initialized() else local
+        self.engine.train()
+        logp, entropy, _ = response_forward(self.engine, shard["prompt_ids"], shard["prompt_mask"],
+                                            shard["completion_ids"], mask, temperature=self.config.temperature,
+                                            with_entropy=True)
+        inputs = PolicyInputs(logp=logp, old_logp=shard["logp"], advantages=shard["advantages"], mask=mask,
+                              token_ids=shard["completion_ids"], group_ids=shard["group_ids"], entropy=entropy)
+        loss, stats = policy_step_loss(self.spec, inputs, normalizer, ref_logp=ref_logp)
+        self.engine.backward(loss * self.world_size)  # DeepSpeed averages over ranks; the shares must add up
+        self.engine.step()
+        self.version += 1
+        out = {k: float(v) for k, v in stats.items()}
+        out["logprob_gap/rollout_vs_learner"] = float(((logp.detach() - shard["logp"]).abs() * mask).sum()
+                                                      / mask.sum().clamp(min=1))
+        return out
+
+    @torch.no_grad()
+    def logprobs(self, shard: dict[str, Tensor]) -> Tensor:
+        self.engine.eval()
+        logp, _, _ = response_forward(self.engine.module, shard["prompt_ids"], shard["prompt_mask"],
+                                      shard["completion_ids"], shard["mask"], temperature=self.config.temperature)
+        return logp
+
+    def state_bytes(self) -> bytes:
+        """The full weights as safetensors bytes (ZeRO-2 keeps full parameters on every rank)."""
+        state = {k: v.detach().to("cpu").contiguous().clone() for k, v in self.engine.module.state_dict().items()}
+        return save_safetensors(state)
+
+    def parameters_snapshot(self) -> dict[str, Tensor]:
+        return {k: v.detach().to("cpu").clone() for k, v in self.engine.module.named_parameters()}
+
+
+def shard_rows(group_ids: Tensor, world_size: int) -> list[Tensor]:
+    """Row indices per rank: whole groups, dealt round-robin (GTPO needs the group on one rank)."""
+    groups = group_ids.unique_consecutive()
+    return [torch.isin(group_ids, groups[r::world_size]).nonzero().squeeze(-1) for r in range(world_size)]
+
+
+def take(batch: dict[str, Tensor], rows: Tensor) -> dict[str, Tensor]:
+    return {k: batch[k][rows] for k in SHARD_KEYS}
+
+
