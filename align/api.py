@@ -315,6 +315,22 @@ def reference_fn(model: Any, recipe: Recipe, spec: AlgorithmSpec) -> Callable[[A
     return copy_reference
 
 
+def _runtime(name: str) -> Callable[..., TrainResult]:
+    """A runtime plugged in through the entry-point group ``align.runtimes`` (the Ray runtime lives in ray_jobs,
+    the only package allowed to import ray)."""
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group="align.runtimes"):
+        if ep.name == name:
+            try:
+                runner: Callable[..., TrainResult] = ep.load()
+            except ImportError as err:
+                raise RecipeError(f"recipe key 'runtime.backend': the {name} runtime cannot load ({err})") from None
+            return runner
+    raise RecipeError(f"recipe key 'runtime.backend': no {name!r} runtime is installed (entry point group "
+                      "align.runtimes); reinstall the package with `pip install -e .`")
+
+
 @contextmanager
 def torch_threads(count: int | None) -> Iterator[None]:
     if count is None:
@@ -342,14 +358,13 @@ def train(recipe: str | Path | Recipe | dict[str, Any], *overrides: str, resume:
                   for k, v in keyword_overrides.items())
     config = resolve_recipe(recipe, tuple(overrides) + extra)
     load_plugins_and_check(config)
-    if config.runtime.backend == "ray":
-        raise RecipeError("recipe key 'runtime.backend': 'ray' needs the Ray runtime (ray_jobs); run it with "
-                          "`align train` from an installation that includes it")
     spec = config.algorithm_spec()
     from align.runs import run_policy, run_preference
 
     with torch_threads(config.runtime.threads):
         runner = run_policy if spec.kind == "policy" else run_preference
+        if config.runtime.backend == "ray":
+            runner = _runtime("ray")
         return runner(config, spec, resume=resume, log=log,
                       progress=config.logging.progress if progress is None else progress)
 

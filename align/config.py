@@ -160,6 +160,13 @@ class RuntimeSection(_Section):
     backend: Literal["local", "ray"] = "local"
     device: str = "cpu"
     threads: int | None = Field(None, ge=1)  # torch intra-op threads; None = leave as is
+    # ray: an existing cluster's address (else RAY_ADDRESS, else an embedded local Ray), and the actors
+    address: str | None = None
+    learners: int = Field(2, ge=1)  # DeepSpeed ranks
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    reward_workers: int = Field(2, ge=1)
+    probe_every: int = Field(1, ge=1)  # verify weight sync every N steps
+    probe_tolerance: float = Field(1e-3, gt=0)
 
 
 class LoggingSection(_Section):

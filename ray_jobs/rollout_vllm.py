@@ -57,10 +57,14 @@ class VLLMRolloutEngine:
 
     def sync_weights(self, model: Any, version: int) -> None:
         """Load ``model``'s current weights into the engine and tag later rollouts with ``version``."""
+        self.load_state(_policy_state(model), version)
+
+    def load_state(self, weights: Mapping[str, torch.Tensor], version: int) -> None:
+        """Load full policy weights (Hugging Face names) and tag later rollouts with ``version``."""
         target = self._scratch / f"v{version}"
         target.mkdir(parents=True, exist_ok=True)
-        state = {k: v.to(torch.float32 if v.is_floating_point() else v.dtype).contiguous()
-                 for k, v in _policy_state(model).items()}
+        state = {k: v.to(torch.float32 if v.is_floating_point() else v.dtype).contiguous().clone()
+                 for k, v in weights.items()}
         save_file(state, str(target / "model.safetensors"))
         for f in self._config_files:
             shutil.copy(f, target / f.name)

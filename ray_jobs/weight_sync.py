@@ -52,12 +52,16 @@ class ProbeCheck:
         self.prompts, self.tolerance = list(prompts), tolerance
         self.params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature)
 
-    def __call__(self, engine: Any, learner_logprobs: Callable[[Rollout], Tensor], learner_version: int,
-                 generate: Callable[..., Rollout] | None = None) -> ProbeResult:
-        sample = generate or engine.generate
-        rollout: Rollout = sample(self.prompts, {}, samples_per_prompt=1, params=self.params)
+    def __call__(self, engine: Any, learner_logprobs: Callable[[Rollout], Tensor],
+                 learner_version: int) -> ProbeResult:
+        """Sample the probe prompts with ``engine`` (in-process) and check them against the learner."""
+        rollout: Rollout = engine.generate(self.prompts, {}, samples_per_prompt=1, params=self.params)
         with torch.no_grad():
             learner = learner_logprobs(rollout)
+        return self.check(rollout, learner, learner_version)
+
+    def check(self, rollout: Rollout, learner: Tensor, learner_version: int) -> ProbeResult:
+        """Compare a probe rollout's log-probs with the learner's log-probs (B, T) on the same tokens."""
         gap = (learner - rollout.logp).abs() * rollout.mask
         result = ProbeResult(engine_version=rollout.weight_version, learner_version=learner_version,
                              max_gap=float(gap.max()), mean_gap=float(gap.sum() / rollout.mask.sum().clamp(min=1)))

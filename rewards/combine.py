@@ -92,6 +92,26 @@ class RewardScores:
     metrics: dict[str, float]
 
 
+def _totals(total: Tensor, valid: Tensor) -> dict[str, float]:
+    return {"reward/total/mean": float(total[valid].mean()) if bool(valid.any()) else math.nan,
+            "reward/dropped": float((~valid).sum())}
+
+
+def merge_scores(parts: Sequence[RewardScores]) -> RewardScores:
+    """Scores of consecutive shards of one batch (a reward pool's workers), as if scored at once."""
+    total = torch.cat([p.total for p in parts])
+    valid = torch.cat([p.valid for p in parts])
+    per_reward = {name: torch.cat([p.per_reward[name] for p in parts]) for name in parts[0].per_reward}
+    metrics: dict[str, float] = {}
+    for name, raw in per_reward.items():
+        good = raw[torch.isfinite(raw)]
+        metrics[f"reward/{name}/mean"] = float(good.mean()) if good.numel() else math.nan
+        metrics[f"reward/{name}/std"] = float(good.std()) if good.numel() > 1 else 0.0
+        for kind in FAILURE_KINDS:
+            metrics[f"reward/{name}/{kind}"] = sum(p.metrics[f"reward/{name}/{kind}"] for p in parts)
+    return RewardScores(total=total, valid=valid, per_reward=per_reward, metrics={**metrics, **_totals(total, valid)})
+
+
 @dataclass
 class _Outcome:
     value: float | None = None
@@ -221,8 +241,7 @@ class RewardComposer:
             total += term.weight * used
             metrics.update(self._term_metrics(term.name, raw, outcomes))
         total = torch.where(valid, total, torch.full_like(total, math.nan))
-        metrics["reward/total/mean"] = float(total[valid].mean()) if bool(valid.any()) else math.nan
-        metrics["reward/dropped"] = float((~valid).sum())
+        metrics.update(_totals(total, valid))
         return RewardScores(total=total, valid=valid, per_reward=per_reward, metrics=metrics)
 
     def _evaluate(self, fn: RewardFunction, term: RewardTerm, batch: RewardBatch) -> list[_Outcome]:

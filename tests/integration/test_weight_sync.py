@@ -41,5 +41,5 @@ def test_stale_engine_is_detected_and_a_real_sync_passes() -> None:
     engine_model.load_state_dict(bytes_to_state(payload))
     engine.sync_weights(engine_model, 1)
     assert probe(engine, _learner_logprobs(learner), 1).max_gap < 1e-4
-    with pytest.raises(StaleWeightsError, match="v1.*v2"):
+    with pytest.raises(StaleWeightsError, match=r"v1.*v2"):
         probe(engine, _learner_logprobs(learner), 2)  # a version mismatch alone is an error too

@@ -1,0 +1,126 @@
+"""Ray actors: a rollout worker (vLLM or transformers generate), a DeepSpeed learner rank, a reward worker.
+
+Each wraps a piece the local runtime already has; the driver (:mod:`ray_jobs.launch`) composes them.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import ray
+import torch
+from torch import Tensor
+
+from align.algorithms import AlgorithmSpec
+from align.trainers.protocols import Rollout, SamplingParams
+from align.trainers.sequences import response_forward
+from ray_jobs.learner_deepspeed import DeepSpeedLearner, LearnerConfig
+from ray_jobs.weight_sync import bytes_to_state
+
+
+def _threads(count: int) -> None:
+    os.environ["OMP_NUM_THREADS"] = str(count)
+    torch.set_num_threads(count)
+
+
+@ray.remote
+class RolloutWorker:
+    def __init__(self, model_dir: str, engine: str, options: Mapping[str, Any], threads: int = 1) -> None:
+        _threads(threads)
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        tokenizer.padding_side = "left"
+        self.model: Any = None
+        if engine == "vllm":
+            from ray_jobs.rollout_vllm import VLLMRolloutEngine
+
+            self.engine: Any = VLLMRolloutEngine(model_dir, tokenizer, **dict(options))
+        else:
+            from align.trainers.rollout_hf import HFRolloutEngine
+
+            self.model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+            self.engine = HFRolloutEngine(self.model, tokenizer)
+
+    def generate(self, prompts: Sequence[str], columns: Mapping[str, Sequence[Any]], samples_per_prompt: int,
+                 params: SamplingParams, seed: int) -> Rollout:
+        torch.manual_seed(seed)  # the driver owns the randomness, so a resumed run samples the same
+        rollout: Rollout = self.engine.generate(prompts, columns, samples_per_prompt=samples_per_prompt,
+                                                params=params)
+        return rollout
+
+    def sync(self, payload: bytes, version: int) -> int:
+        state = bytes_to_state(payload)
+        if self.model is None:
+            self.engine.load_state(state, version)
+        else:
+            self.model.load_state_dict(state)
+            self.engine.sync_weights(self.model, version)
+        return version
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+@ray.remote
+class LearnerRank:
+    def __init__(self, model_dir: str, spec: AlgorithmSpec, config: LearnerConfig, rank: int, world_size: int,
+                 master_port: int, threads: int = 1) -> None:
+        _threads(threads)
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        self.reference = None
+        if spec.kl is not None:
+            self.reference = copy.deepcopy(model).eval()
+            for p in self.reference.parameters():
+                p.requires_grad_(False)
+        self.learner = DeepSpeedLearner(model, spec, config, rank=rank, world_size=world_size,
+                                        master_port=master_port)
+        self.temperature = config.temperature
+
+    def ref_logprobs(self, shard: dict[str, Tensor]) -> Tensor | None:
+        if self.reference is None:
+            return None
+        with torch.no_grad():
+            logp, _, _ = response_forward(self.reference, shard["prompt_ids"], shard["prompt_mask"],
+                                          shard["completion_ids"], shard["mask"], temperature=self.temperature)
+        return logp
+
+    def step(self, shard: dict[str, Tensor], ref_logp: Tensor | None) -> dict[str, float]:
+        return self.learner.step(shard, ref_logp)
+
+    def logprobs(self, shard: dict[str, Tensor]) -> Tensor:
+        return self.learner.logprobs(shard)
+
+    def state_bytes(self) -> bytes:
+        return self.learner.state_bytes()
+
+    def save(self, directory: str, tag: str) -> None:
+        self.learner.engine.save_checkpoint(directory, tag=tag)
+
+    def load(self, directory: str, tag: str) -> None:
+        self.learner.engine.load_checkpoint(directory, tag=tag)
+
+
+@ray.remote
+class RewardWorker:
+    def __init__(self, plugins: Sequence[str], terms: Sequence[Mapping[str, Any]], timeout: float = 30.0) -> None:
+        import rewards
+
+        rewards.load_plugins(plugins)
+        rewards.load_entry_points()
+        self.composer = rewards.RewardComposer([rewards.RewardTerm(**dict(t)) for t in terms], timeout=timeout)
+
+    def score(self, prompts: Sequence[str], completions: Sequence[str], completion_ids: Sequence[Sequence[int]],
+              columns: Mapping[str, Sequence[Any]], step: int) -> Any:
+        from rewards import RewardBatch
+
+        return self.composer.score(RewardBatch(prompts=prompts, completions=completions,
+                                               completion_ids=completion_ids, columns=columns, step=step))
+
+    def pid(self) -> int:
+        return os.getpid()

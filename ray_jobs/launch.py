@@ -1,0 +1,335 @@
+"""The Ray runtime: the local loop with its engine, learner and reward pool behind Ray actors.
+
+One rollout worker (vLLM, or transformers generate), ``runtime.learners`` DeepSpeed ranks (ZeRO-2 by default; gloo
+on CPU), ``runtime.reward_workers`` reward workers. The driver samples prompts, merges rewards, computes credit and
+advantages (the core's functions), deals whole groups to the learner ranks, then syncs weights to the rollout worker
+and verifies the sync with a probe batch (:mod:`ray_jobs.weight_sync`). A rollout or reward worker that dies is
+replaced and the step retried; a learner failure stops the run, which continues from its last checkpoint with
+``--resume``. ``ray job submit ... -- align train recipe.yaml`` connects to the cluster (``RAY_ADDRESS``); without
+an address ``align train`` starts an embedded local Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+from ray.exceptions import RayActorError
+
+from align.advantages import ADVANTAGES, nonuniform_groups
+from align.algorithms import AlgorithmSpec
+from align.api import (
+    TrainResult,
+    _accuracy_entry,
+    _greedy,
+    _task_verifier,
+    find_resumable_run,
+    load_data,
+    load_model,
+    new_run_dir,
+    prepare_base_model,
+)
+from align.config import Recipe, RecipeError
+from align.losses import kl_reward_penalty
+from align.ops import last_token_mask, masked_mean
+from align.runs import Progress, with_rendered_prompts
+from align.trainers.checkpoint import latest_checkpoint
+from align.trainers.metrics import MetricsLogger
+from align.trainers.protocols import Rollout, SamplingParams
+from align.trainers.sampler import PromptSampler
+from ray_jobs.actors import LearnerRank, RewardWorker, RolloutWorker
+from ray_jobs.learner_deepspeed import SHARD_KEYS, LearnerConfig, shard_rows, take
+from ray_jobs.weight_sync import ProbeCheck, bytes_to_state
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def connect(recipe: Recipe) -> None:
+    if ray.is_initialized():
+        return
+    address = recipe.runtime.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        ray.init(num_cpus=max(4, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False,
+                 _temp_dir=os.environ.get("ALIGN_RAY_TMP", "/tmp/ray-align"))
+
+
+class Cluster:
+    """The actors of one run, with replacement of the stateless ones."""
+
+    def __init__(self, recipe: Recipe, spec: AlgorithmSpec, model_dir: Path) -> None:
+        self.recipe, self.spec, self.model_dir = recipe, spec, str(model_dir)
+        self.tag = f"{recipe.name}-{os.getpid()}-{time.time_ns() % 10**9}"  # actor names: align-<role>-<tag>
+        self.restarts = 0
+        rt = recipe.runtime
+        port = _free_port()
+        config = LearnerConfig(lr=recipe.learner.lr, betas=recipe.learner.betas,
+                               weight_decay=recipe.learner.weight_decay, max_grad_norm=recipe.learner.max_grad_norm,
+                               zero_stage=rt.zero_stage, temperature=recipe.rollout.temperature,
+                               backend="nccl" if rt.device.startswith("cuda") else "gloo", seed=recipe.seed)
+        gpu = 1 if rt.device.startswith("cuda") else 0
+        self.learners = [LearnerRank.options(num_cpus=0.5, num_gpus=gpu).remote(
+            self.model_dir, spec, config, rank, rt.learners, port) for rank in range(rt.learners)]
+        self.rollout = self._new_rollout()
+        self.rewards = [self._new_reward() for _ in range(rt.reward_workers)]
+        self.payload: bytes | None = None
+        self.version = 0
+
+    def _new_rollout(self) -> Any:
+        engine = self.recipe.rollout.engine
+        if engine == "auto":
+            engine = "vllm" if self.recipe.runtime.device.startswith("cuda") else "hf"
+        options = dict(self.recipe.rollout.engine_options)
+        if engine == "vllm":
+            options.setdefault("device", "cuda" if self.recipe.runtime.device.startswith("cuda") else "cpu")
+            options.setdefault("seed", self.recipe.seed)
+        gpu = 1 if self.recipe.runtime.device.startswith("cuda") else 0
+        name = f"align-rollout-{self.tag}-{self.restarts}"
+        return RolloutWorker.options(num_cpus=0.5, num_gpus=gpu, name=name).remote(self.model_dir, engine, options)
+
+    def _new_reward(self) -> Any:
+        terms = [{"name": e.name, "weight": e.weight, "options": e.options, "on_failure": e.on_failure,
+                  "fallback": e.fallback, "timeout": e.timeout} for e in self.recipe.rewards]
+        self.restarts += 1
+        name = f"align-reward-{self.tag}-{self.restarts}"
+        return RewardWorker.options(num_cpus=0.25, name=name).remote(self.recipe.plugins, terms)
+
+    def sync(self, version: int) -> None:
+        self.payload = ray.get(self.learners[0].state_bytes.remote())
+        self.version = version
+        self._with_rollout(lambda w: w.sync.remote(self.payload, version))
+
+    def _with_rollout(self, call: Callable[[Any], Any], retries: int = 2) -> Any:
+        for attempt in range(retries + 1):
+            try:
+                return ray.get(call(self.rollout))
+            except RayActorError:
+                if attempt == retries:
+                    raise
+                self.restarts += 1
+                self.rollout = self._new_rollout()  # a fresh worker starts from the base weights: resync it
+                if self.payload is not None:
+                    ray.get(self.rollout.sync.remote(self.payload, self.version))
+        raise AssertionError("unreachable")
+
+    def generate(self, prompts: list[str], columns: dict[str, list[Any]], params: SamplingParams,
+                 seed: int) -> Rollout:
+        n = self.recipe.rollout.samples_per_prompt
+        rollout: Rollout = self._with_rollout(lambda w: w.generate.remote(prompts, columns, n, params, seed))
+        return rollout
+
+    def score(self, rollout: Rollout, step: int) -> Any:
+        from rewards.combine import merge_scores
+
+        ids = rollout.token_lists()
+        chunks = torch.arange(len(rollout)).chunk(len(self.rewards))
+        for attempt in range(3):
+            try:
+                futures = [worker.score.remote([rollout.prompts[i] for i in rows.tolist()],
+                                                [rollout.completions[i] for i in rows.tolist()],
+                                                [ids[i] for i in rows.tolist()],
+                                                {k: [v[i] for i in rows.tolist()] for k, v in rollout.columns.items()},
+                                                step) for worker, rows in zip(self.rewards, chunks, strict=False)]
+                return merge_scores(ray.get(futures))
+            except RayActorError:
+                if attempt == 2:
+                    raise
+                self.rewards = [w if _alive(w) else self._new_reward() for w in self.rewards]
+        raise AssertionError("unreachable")
+
+
+def _alive(worker: Any) -> bool:
+    try:
+        ray.get(worker.pid.remote(), timeout=30)
+        return True
+    except Exception:  # any failure means: replace it
+        return False
+
+
+def _batch(rollout: Rollout, advantages: torch.Tensor) -> dict[str, torch.Tensor]:
+    fields = {"prompt_ids": rollout.prompt_ids, "prompt_mask": rollout.prompt_mask,
+              "completion_ids": rollout.completion_ids, "mask": rollout.mask, "logp": rollout.logp,
+              "advantages": advantages, "group_ids": rollout.group_ids}
+    return {k: fields[k] for k in SHARD_KEYS}
+
+
+def run_on_ray(recipe: Recipe, spec: AlgorithmSpec, *, resume: str | Path | bool, log: Callable[[str], None],
+               progress: bool) -> TrainResult:
+    if spec.kind != "policy":
+        raise RecipeError("recipe key 'runtime.backend': the Ray runtime trains policy algorithms; run preference "
+                          "presets with backend: local")
+    if recipe.lora.enabled:
+        raise RecipeError("recipe key 'lora.enabled': the Ray runtime syncs full weights; use backend: local for "
+                          "LoRA")
+    connect(recipe)
+    base = prepare_base_model(recipe, log)
+    eval_model, tokenizer = load_model(base, recipe)
+    train, test = (with_rendered_prompts(d, tokenizer, recipe) for d in load_data(recipe))
+    columns = {c: train[c] for c in train.column_names if c != "prompt"}
+    prompts = train["prompt"]
+    cluster = Cluster(recipe, spec, base)
+    sampler = PromptSampler(len(train), recipe.seed)
+    params = SamplingParams(max_new_tokens=recipe.rollout.max_new_tokens, temperature=recipe.rollout.temperature,
+                            top_p=recipe.rollout.top_p)
+    probe = ProbeCheck(list(test["prompt"][:4]), tolerance=recipe.runtime.probe_tolerance,
+                       max_new_tokens=recipe.rollout.max_new_tokens, temperature=recipe.rollout.temperature)
+    score = _task_verifier(recipe)
+    accuracy_entry = _accuracy_entry(recipe)
+
+    def evaluate() -> float:
+        assert cluster.payload is not None
+        eval_model.load_state_dict(bytes_to_state(cluster.payload))
+        return _greedy(eval_model, tokenizer, test, score, recipe.rollout.max_new_tokens)
+
+    random.seed(recipe.seed + 1)
+    torch.manual_seed(recipe.seed + 1)
+    start_step, before = 0, None
+    if resume:
+        run_dir = find_resumable_run(recipe, resume)
+        checkpoint = latest_checkpoint(run_dir / "checkpoints")
+        assert checkpoint is not None
+        state = json.loads((checkpoint / "state.json").read_text())
+        start_step, before = state["step"], state["accuracy_before"]
+        for learner in cluster.learners:
+            ray.get(learner.load.remote(str(run_dir / "checkpoints" / "deepspeed"), f"step-{start_step:08d}"))
+        sampler.load_state_dict(state["sampler"])
+        torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
+        log(f"resuming {run_dir} from step {start_step}")
+    else:
+        run_dir = new_run_dir(recipe)
+    cluster.sync(start_step)
+    logger = MetricsLogger(run_dir, tensorboard=recipe.logging.tensorboard, backends=recipe.logging.backends,
+                           project=recipe.logging.project)
+    logger.truncate_after(start_step)
+    if before is None:
+        before = evaluate()
+        logger.log(0, {"eval/accuracy": before})
+        log(f"run directory: {run_dir}")
+        log(f"held-out accuracy before training: {100 * before:.1f}%")
+    bar = Progress(recipe.learner.steps, start_step, progress, log)
+    last: dict[str, float] = {}
+    try:
+        for step in range(start_step + 1, recipe.learner.steps + 1):
+            last = _step(step, cluster, spec, recipe, sampler, prompts, columns, params, accuracy_entry)
+            if step % recipe.runtime.probe_every == 0:
+                last["weight_sync/probe_max_gap"] = _verify_sync(cluster, probe).max_gap
+            if step % recipe.logging.eval_every == 0 or step == recipe.learner.steps:
+                last["eval/accuracy"] = evaluate()
+            logger.log(step, last)
+            bar.update(step, last)
+            if step % recipe.checkpoint.every == 0 or step == recipe.learner.steps:
+                _checkpoint(run_dir, step, cluster, sampler, before)
+    finally:
+        bar.close()
+        logger.close()
+    after = last.get("eval/accuracy", before)
+    final = run_dir / "final"
+    assert cluster.payload is not None
+    eval_model.load_state_dict(bytes_to_state(cluster.payload))
+    eval_model.save_pretrained(final)
+    tokenizer.save_pretrained(final)
+    summary = {**last, "eval/accuracy_before": before, "eval/accuracy_after": after}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
+    log(f"held-out accuracy: {100 * before:.1f}% -> {100 * after:.1f}%")
+    return TrainResult(run_dir=run_dir, metrics=summary)
+
+
+def _verify_sync(cluster: Cluster, probe: ProbeCheck) -> Any:
+    """The rollout worker samples the probe prompts; learner rank 0 scores the same tokens; a gap is an error."""
+    seed = int(torch.randint(0, 2**31 - 1, (1,)))
+    rollout: Rollout = cluster._with_rollout(lambda w: w.generate.remote(probe.prompts, {}, 1, probe.params, seed))
+    learner = ray.get(cluster.learners[0].logprobs.remote(_batch(rollout, torch.zeros_like(rollout.mask))))
+    return probe.check(rollout, learner, cluster.version)
+
+
+def _step(step: int, cluster: Cluster, spec: AlgorithmSpec, recipe: Recipe, sampler: PromptSampler,
+          prompts: list[str], columns: dict[str, list[Any]], params: SamplingParams,
+          accuracy_entry: Any) -> dict[str, float]:
+    start = time.perf_counter()
+    index = sampler.next(recipe.rollout.prompts_per_step)
+    seed = int(torch.randint(0, 2**31 - 1, (1,)))
+    rollout = cluster.generate([prompts[i] for i in index], {k: [v[i] for i in index] for k, v in columns.items()},
+                               params, seed)
+    rollout_time = time.perf_counter() - start
+    scores = cluster.score(rollout, step)
+    metrics: dict[str, float] = dict(scores.metrics)
+    if accuracy_entry is not None:
+        values = scores.per_reward[accuracy_entry.name]
+        metrics["accuracy"] = float((values[torch.isfinite(values)] >= 1 - 1e-9).float().mean())
+    keep = scores.valid.clone()
+    if spec.drop_uniform_groups and bool(keep.any()):
+        informative = nonuniform_groups(scores.total[keep], rollout.mask[keep], rollout.group_ids[keep])
+        keep[keep.nonzero().squeeze(-1)[~informative]] = False
+    if not bool(keep.any()):
+        return metrics
+    batch = rollout.select(keep)
+    rewards = scores.total[keep].to(torch.float32)
+    shards = shard_rows(batch.group_ids, len(cluster.learners))
+    plain = _batch(batch, torch.zeros_like(batch.mask))
+    ref_parts = ray.get([learner.ref_logprobs.remote(take(plain, rows))
+                         for learner, rows in zip(cluster.learners, shards, strict=True)])
+    ref_logp = None
+    if spec.kl is not None:
+        ref_logp = torch.zeros_like(batch.mask)
+        for rows, part in zip(shards, ref_parts, strict=True):
+            ref_logp[rows] = part
+    estimator_input: torch.Tensor = rewards
+    if spec.kl is not None and spec.kl_placement == "reward":
+        assert ref_logp is not None
+        penalty = kl_reward_penalty(batch.logp, ref_logp, batch.mask, coef=spec.kl_coef, estimator=spec.kl)
+        estimator_input = torch.where(last_token_mask(batch.mask), rewards.unsqueeze(-1), 0.0) + penalty
+    advantages = ADVANTAGES.get(spec.advantage or "grpo")(estimator_input, batch.mask, batch.group_ids,
+                                                          **spec.advantage_kwargs).to(torch.float32)
+    full = _batch(batch, advantages)
+    in_loss = spec.kl is not None and spec.kl_placement == "loss"
+    update_start = time.perf_counter()
+    stats = ray.get([learner.step.remote(take(full, rows), ref_logp[rows] if in_loss and ref_logp is not None
+                                         else None) for learner, rows in zip(cluster.learners, shards, strict=True)])
+    tokens = [float(batch.mask[rows].sum()) for rows in shards]
+    for key in stats[0]:
+        if key in ("loss", "pg_loss", "kl"):
+            metrics[key] = sum(s[key] for s in stats)
+        else:
+            metrics[key] = sum(s[key] * t for s, t in zip(stats, tokens, strict=True)) / max(sum(tokens), 1.0)
+    cluster.sync(cluster.version + 1)
+    total = time.perf_counter() - start
+    metrics.update({"weight_version": float(cluster.version), "advantage/abs_mean": float(
+        masked_mean(advantages.abs(), batch.mask)), "response_length/mean": float(batch.mask.sum(-1).mean()),
+        "time/step": total, "time/rollout": rollout_time, "time/update": time.perf_counter() - update_start,
+        "throughput/tokens_per_s": float(batch.mask.sum()) / total, "filter/kept_frac": float(keep.float().mean())})
+    return metrics
+
+
+def _checkpoint(run_dir: Path, step: int, cluster: Cluster, sampler: PromptSampler, before: float) -> None:
+    directory = run_dir / "checkpoints"
+    directory.mkdir(parents=True, exist_ok=True)
+    tag = f"step-{step:08d}"
+    ray.get([learner.save.remote(str(directory / "deepspeed"), tag) for learner in cluster.learners])
+    state = {"step": step, "sampler": sampler.state_dict(), "accuracy_before": before,
+             "torch_rng": torch.get_rng_state().tolist(), "version": cluster.version}
+    # the driver's state appears only after every rank has saved, and `latest` only after that: whole or nothing
+    tmp = directory / f".{tag}.tmp-{os.getpid()}"
+    tmp.mkdir(exist_ok=True)
+    (tmp / "state.json").write_text(json.dumps(state))
+    if (directory / tag).exists():
+        import shutil
+
+        shutil.rmtree(directory / tag)
+    os.rename(tmp, directory / tag)
+    pointer = directory / f".latest.tmp-{os.getpid()}"
+    pointer.write_text(tag + "\n")
+    os.replace(pointer, directory / "latest")

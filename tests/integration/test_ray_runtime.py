@@ -1,0 +1,131 @@
+"""The Ray runtime on this machine: vLLM rollout worker, two DeepSpeed ranks, a reward pool; resume; killed actors
+replaced mid-run; and the `ray job submit` round trip against a head started with `ray start --head`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+ray = pytest.importorskip("ray")
+pytest.importorskip("deepspeed")
+pytest.importorskip("vllm")
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+from align import api  # noqa: E402
+from align.trainers.metrics import read_metrics  # noqa: E402
+
+
+def recipe(tmp_path: Path, **changes: object) -> dict:
+    data = {
+        "name": "ray_tiny", "seed": 0,
+        "model": {"path": "tiny", "sft_warmup": None, "cache_dir": str(tmp_path / "cache"),
+                  "tiny": {"hidden_size": 64, "num_layers": 2, "num_heads": 2, "intermediate_size": 64}},
+        "data": {"task": "arithmetic", "task_options": {"digits": 1}, "eval_size": 10, "train_size": 90},
+        "rollout": {"engine": "vllm", "samples_per_prompt": 4, "prompts_per_step": 4, "max_new_tokens": 4,
+                    "engine_options": {"max_model_len": 64, "kv_cache_bytes": 64 * 2**20}},
+        "algorithm": {"preset": "grpo"},
+        "rewards": [{"name": "exact_match", "options": {"extract": "full"}},
+                    {"name": "repetition_penalty", "options": {"ngram": 1}}],
+        "learner": {"lr": 1e-3, "steps": 3},
+        "runtime": {"backend": "ray", "learners": 2, "reward_workers": 2},
+        "logging": {"dir": str(tmp_path / "runs"), "tensorboard": False, "progress": False, "eval_every": 100},
+        "checkpoint": {"every": 2},
+    }
+    for key, value in changes.items():
+        data[key] = {**data[key], **value} if isinstance(value, dict) else value
+    return data
+
+
+@pytest.fixture(scope="module", autouse=True)
+def embedded_ray():
+    yield
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def test_grpo_on_ray_advances_versions_verifies_sync_and_resumes(tmp_path: Path) -> None:
+    result = api.train(recipe(tmp_path), progress=False, log=lambda _: None)
+    rows = read_metrics(result.run_dir)
+    assert [r.get("weight_version") for r in rows[1:]] == [1.0, 2.0, 3.0]
+    assert all(r["weight_sync/probe_max_gap"] < 1e-3 for r in rows[1:])
+    assert all(r["logprob_gap/rollout_vs_learner"] < 1e-4 for r in rows[1:])
+    assert (result.run_dir / "final" / "config.json").is_file()
+    resumed = api.train(recipe(tmp_path, learner={"lr": 1e-3, "steps": 5}), resume=result.run_dir, progress=False,
+                        log=lambda _: None)
+    rows = read_metrics(resumed.run_dir)
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4, 5]
+    assert [r.get("weight_version") for r in rows[4:]] == [4.0, 5.0]
+
+
+def test_killed_rollout_and_reward_workers_are_replaced(tmp_path: Path) -> None:
+    config = recipe(tmp_path, name="ray_kill", learner={"lr": 1e-3, "steps": 5}, checkpoint={"every": 10})
+    killed: list[str] = []
+
+    def assassin() -> None:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not killed:
+            runs = list((tmp_path / "runs").glob("ray_kill-*"))
+            if runs and len(read_metrics(runs[0])) >= 2:  # step 1 is done
+                for actor in ray.util.list_named_actors(all_namespaces=True):
+                    name = actor["name"] if isinstance(actor, dict) else actor
+                    if name.startswith(("align-rollout-ray_kill", "align-reward-ray_kill")) and not killed:
+                        ray.kill(ray.get_actor(name, namespace=actor.get("namespace") if isinstance(actor, dict)
+                                               else None), no_restart=True)
+                        killed.append(name)
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=assassin, daemon=True)
+    thread.start()
+    result = api.train(config, progress=False, log=lambda _: None)
+    thread.join(5)
+    assert killed, "no worker was killed: the run ended too fast"
+    rows = read_metrics(result.run_dir)
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4, 5]
+    assert rows[-1]["weight_version"] == 5.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_ray_job_submit_round_trip(tmp_path: Path) -> None:
+    ray_bin = Path(sys.executable).with_name("ray")
+    work = tmp_path / "job"
+    work.mkdir()
+    config = recipe(tmp_path, name="ray_job")
+    (work / "recipe.yaml").write_text(yaml.safe_dump(config))
+    dashboard = _free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "OMP_NUM_THREADS": "1",
+           "PATH": f"{ray_bin.parent}:{os.environ['PATH']}"}
+    env.pop("RAY_ADDRESS", None)
+    temp_dir = Path("/tmp") / f"rj{os.getpid()}"
+    start = subprocess.run([str(ray_bin), "start", "--head", f"--port={_free_port()}", "--num-cpus=4",
+                            "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--disable-usage-stats",
+                            f"--temp-dir={temp_dir}"], env=env, capture_output=True, text=True, timeout=120)
+    assert start.returncode == 0, start.stderr[-2000:]
+    try:
+        submit = subprocess.run(
+            [str(ray_bin), "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", str(work),
+             "--", sys.executable, "-m", "align.cli", "train", "recipe.yaml", "--no-progress"],
+            env=env, capture_output=True, text=True, timeout=400)
+        assert submit.returncode == 0, (submit.stdout + submit.stderr)[-3000:]
+        assert "held-out accuracy:" in submit.stdout
+    finally:
+        subprocess.run([str(ray_bin), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    runs = list((tmp_path / "runs").glob("ray_job-*"))
+    assert len(runs) == 1
+    assert [r["step"] for r in read_metrics(runs[0])] == [0, 1, 2, 3]
+    assert json.loads((runs[0] / "checkpoints" / "step-00000003" / "state.json").read_text())["step"] == 3
