@@ -79,6 +79,7 @@ def group_baseline(values: Tensor, group_ids: Tensor, *, ddof: int = 1) -> tuple
     single = stats.size == 1
     mean = torch.where(single, torch.zeros_like(stats.mean), stats.mean)
     std = torch.where(single, torch.ones_like(stats.std), stats.std)
+    mean = torch.where(stats.uniform & ~single, values, mean)  # r - mean is then exactly 0
     if bool(torch.isnan(std).any()):
         raise InputError(f"group std with ddof={ddof} needs groups of more than {ddof} samples; use ddof=0")
     return mean, std
@@ -271,5 +272,4 @@ def nonuniform_groups(rewards: Tensor, mask: Tensor, group_ids: Tensor) -> Tenso
     """
     _validate(rewards, mask, group_ids)
     seq = sequence_rewards(rewards, mask)
-    stats = group_stats(seq, group_ids, ddof=0)
-    return stats.std > 0
+    return ~group_stats(seq, group_ids, ddof=0).uniform

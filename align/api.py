@@ -79,6 +79,12 @@ def load_plugins_and_check(recipe: Recipe) -> None:
 
             raise RecipeError(f"recipe key 'logging.credit_diagnostics.{i}': " + _choices("unknown credit module",
                                                                                          name, CREDIT.names()))
+    if recipe.credit is not None and recipe.credit.name in ("prm_steps", "thr") and \
+            recipe.algorithm.spec().kind == "policy":
+        needs = ("step scores from a process reward model" if recipe.credit.name == "prm_steps"
+                 else "the policy's logits and hidden states")
+        raise RecipeError(f"recipe key 'credit.name': {recipe.credit.name} needs {needs}, which the trainer does not "
+                          "collect yet; use it through rewards.credit from Python")
     if recipe.credit is not None and recipe.credit.name not in CREDIT:
         from align.config import _choices
 
@@ -119,7 +125,11 @@ def find_resumable_run(recipe: Recipe, resume: str | Path | bool) -> Path:
         if latest_checkpoint(run_dir / "checkpoints") is None:
             raise RecipeError(f"--resume {run_dir}: no complete checkpoint in {run_dir / 'checkpoints'}")
         return run_dir
-    candidates = sorted(Path(recipe.logging.dir).glob(f"{recipe.name}-*"), key=lambda p: p.stat().st_mtime)
+    import re
+
+    own = re.compile(rf"{re.escape(recipe.name)}-\d{{8}}-\d{{6}}(-\d+)?")  # not runs of "<name>-lora" recipes
+    candidates = sorted((p for p in Path(recipe.logging.dir).glob(f"{recipe.name}-*") if own.fullmatch(p.name)),
+                        key=lambda p: p.stat().st_mtime)
     for run_dir in reversed(candidates):
         if latest_checkpoint(run_dir / "checkpoints") is not None:
             return run_dir

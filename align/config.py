@@ -208,10 +208,16 @@ class Recipe(_Section):
     @model_validator(mode="after")
     def _coherent(self) -> Recipe:
         spec = self.algorithm.spec()
-        group_based = spec.advantage in ("grpo", "dr_grpo", "rloo", "dense_group", "reinforce_pp_baseline")
-        if spec.kind == "policy" and self.rollout.samples_per_prompt < 2 and group_based:
-            raise ValueError(f"rollout.samples_per_prompt must be >= 2 because {spec.advantage} compares samples "
-                             f"of the same prompt; got {self.rollout.samples_per_prompt}")
+        group_based = spec.advantage in ("grpo", "dr_grpo", "dense_group", "reinforce_pp_baseline")
+        if spec.kind == "policy" and self.rollout.samples_per_prompt < 2:
+            if spec.advantage == "rloo":
+                raise ValueError("rollout.samples_per_prompt must be >= 2 because rloo's leave-one-out baseline "
+                                 f"needs another sample of the prompt; got {self.rollout.samples_per_prompt}")
+            if group_based:
+                import warnings
+
+                warnings.warn(f"rollout.samples_per_prompt = 1: {spec.advantage} then uses A = r (mean 0, std 1, "
+                              "verl's rule); groups of 2 or more give it a baseline", stacklevel=2)
         if spec.kind == "policy" and not self.rewards:
             raise ValueError("a policy algorithm needs at least one entry under rewards (e.g. - name: exact_match)")
         if self.credit is not None and spec.credit not in (None, self.credit.name):
@@ -226,6 +232,10 @@ class Recipe(_Section):
             spec = spec.with_options(preference_kwargs={"beta": self.learner.beta})
         if spec.has_reference and self.lora.enabled is False and spec.kl is None and spec.kind == "policy":
             spec = spec.with_options(has_reference=False)  # nothing reads a reference: do not load one
+        if spec.reducer == "seq_mean_token_sum_norm" and spec.generation_budget is None:
+            # Dr. GRPO's L_max is the generation budget, a constant (arXiv 2503.20783 Listing 1), not the
+            # longest response of each step
+            spec = spec.with_options(generation_budget=self.rollout.max_new_tokens)
         return spec
 
 

@@ -141,9 +141,10 @@ def discounted_returns(rewards: Tensor, mask: Tensor, *, gamma: float = 1.0) -> 
 class GroupStats:
     """Per-row statistics of the row's group. Every field is (B,)."""
 
-    mean: Tensor
-    std: Tensor  # NaN where the group has <= ddof members
+    mean: Tensor  # equal to the rows' value, bit for bit, when every row of the group is equal
+    std: Tensor  # NaN where the group has <= ddof members; exactly 0 for equal rows
     size: Tensor  # long
+    uniform: Tensor  # bool: every row of the group has the same value
 
 
 def group_stats(values: Tensor, group_ids: Tensor, *, ddof: int = 1) -> GroupStats:
@@ -156,12 +157,21 @@ def group_stats(values: Tensor, group_ids: Tensor, *, ddof: int = 1) -> GroupSta
     _, inverse = torch.unique(group_ids, return_inverse=True)
     n_groups = int(inverse.max()) + 1 if inverse.numel() else 0
     size = torch.bincount(inverse, minlength=n_groups)
-    sums = torch.zeros(n_groups, dtype=values.dtype, device=values.device).index_add_(0, inverse, values)
-    mean = sums / size.to(values.dtype)
-    sq = torch.zeros_like(sums).index_add_(0, inverse, (values - mean[inverse]) ** 2)
-    denom = (size - ddof).to(values.dtype)
+    exact = values.to(torch.float64)  # accumulate in float64, return in the values' dtype
+    sums = torch.zeros(n_groups, dtype=torch.float64, device=values.device).index_add_(0, inverse, exact)
+    mean = sums / size.to(torch.float64)
+    high = torch.full_like(sums, -torch.inf).scatter_reduce_(0, inverse, exact, "amax")
+    low = torch.full_like(sums, torch.inf).scatter_reduce_(0, inverse, exact, "amin")
+    uniform = high == low
+    # (G - 1) equal non-dyadic values do not average back to themselves in floating point; a group with no
+    # spread must give advantage 0 exactly (spec §1), not a rounding residue
+    mean = torch.where(uniform, high, mean)
+    sq = torch.zeros_like(sums).index_add_(0, inverse, (exact - mean[inverse]) ** 2)
+    denom = (size - ddof).to(torch.float64)
     std = torch.where(denom > 0, (sq / denom.clamp(min=1)).sqrt(), torch.full_like(sq, float("nan")))
-    return GroupStats(mean=mean[inverse], std=std[inverse], size=size[inverse])
+    std = torch.where(uniform & (denom > 0), torch.zeros_like(std), std)
+    return GroupStats(mean=mean[inverse].to(values.dtype), std=std[inverse].to(values.dtype), size=size[inverse],
+                      uniform=uniform[inverse])
 
 
 # --------------------------------------------------------------------------------------------------------------

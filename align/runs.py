@@ -146,7 +146,8 @@ def run_policy(recipe: Recipe, spec: AlgorithmSpec, *, resume: str | Path | bool
     from rewards.adapters import ComposerRewardFunction, CreditModuleFunction
 
     reward_fn = ComposerRewardFunction(_composer(recipe))
-    credit_fn = None if recipe.credit is None else CreditModuleFunction(recipe.credit.name, recipe.credit.options)
+    credit_fn = None if recipe.credit is None else CreditModuleFunction(recipe.credit.name, recipe.credit.options,
+                                                                        base_dir=base)
     optimizer = build_optimizer(model, lr=recipe.learner.lr, weight_decay=recipe.learner.weight_decay,
                                 betas=recipe.learner.betas)
     scheduler = build_scheduler(optimizer, kind=recipe.learner.scheduler, warmup_steps=recipe.learner.warmup_steps,
@@ -374,19 +375,11 @@ def _token_extras(recipe: Recipe, spec: AlgorithmSpec, model: Any, tokenizer: An
         raise RecipeError(f"recipe key 'credit': {spec.preference_loss} takes its token "
                           f"{'weights' if wanted == 'contrastive_critical' else 'rewards'} from credit module "
                           f"{wanted!r}; add credit: {{name: {wanted}, options: {{...}}}}")
-    from transformers import AutoModelForCausalLM
+    from rewards.adapters import resolve_models
+    from rewards.credit import CREDIT, CreditInputs
 
-    from rewards.credit import CREDIT, CausalLMScorer, CreditInputs
-
-    def scorer(path: Any) -> Any:
-        target = base if path in (None, "base") else Path(str(path))
-        return CausalLMScorer(AutoModelForCausalLM.from_pretrained(str(target)).eval())
-
-    options = dict(recipe.credit.options)
-    for key in ("positive_model", "negative_model", "dpo_model", "ref_model"):
-        if key in options or (wanted == "implicit_dpo" and key in ("dpo_model", "ref_model")) or (
-                wanted == "contrastive_critical" and key in ("positive_model", "negative_model")):
-            options[key] = scorer(options.get(key))
+    needed = ("dpo_model", "ref_model") if wanted == "implicit_dpo" else ("positive_model", "negative_model")
+    options = resolve_models({**{k: "base" for k in needed}, **recipe.credit.options}, base)
     if wanted == "implicit_dpo":
         options["outcome_weight"] = 0.0
     module = CREDIT.get(wanted)

@@ -23,7 +23,17 @@ _REFUSED = {
     "os.fork": "forking",
     "os.forkpty": "forking",
     "ctypes.dlopen": "loading native code",
+    "os.kill": "signalling other processes",
+    "os.killpg": "signalling other processes",
 }
+_PATH_EVENTS = {  # event -> (path arguments that must stay inside the working directory, dir_fd arguments)
+    "os.remove": ((0,), (1,)), "os.rmdir": ((0,), (1,)), "os.mkdir": ((0,), (2,)), "os.chmod": ((0,), (2,)),
+    "os.chown": ((0,), (3,)), "os.truncate": ((0,), ()), "os.utime": ((0,), (3,)), "os.rename": ((0, 1), (2, 3)),
+    "os.symlink": ((0, 1), (2,)), "os.link": ((0, 1), (2, 3)), "shutil.rmtree": ((0,), ()),
+    "shutil.copyfile": ((1,), ()), "shutil.move": ((0, 1), ()),
+}
+_NO_DIR_FD = (None, -1, -100)  # what CPython reports when no dir_fd was given
+_NATIVE_MODULES = {"_posixsubprocess", "ctypes", "_ctypes", "posix._exit"}
 
 
 def _is_write(mode, flags):
@@ -32,17 +42,40 @@ def _is_write(mode, flags):
     return isinstance(flags, int) and bool(flags & _WRITE_FLAGS)
 
 
+def _inside(value):
+    if isinstance(value, int):  # a file descriptor: resolving it is not possible here, refuse
+        return False
+    path = os.path.realpath(os.fsdecode(value))
+    return path == _ROOT or path.startswith(_ROOT + os.sep)
+
+
 def _hook(event, args):
     if event in _REFUSED:
         raise PermissionError(f"sandbox: {_REFUSED[event]} is not allowed ({event})")
-    if event == "open" and args and isinstance(args[0], (str, bytes)) and _is_write(args[1], args[2]):
-        path = os.path.realpath(os.fsdecode(args[0]))
-        if path != _ROOT and not path.startswith(_ROOT + os.sep):
-            raise PermissionError(f"sandbox: writing outside the working directory is not allowed ({path})")
+    if event == "import" and args and args[0] in _NATIVE_MODULES:
+        raise PermissionError(f"sandbox: importing {args[0]} is not allowed")
+    if event == "open" and args and _is_write(args[1], args[2]) and (
+            not isinstance(args[0], (str, bytes)) or not _inside(args[0])):
+        raise PermissionError(f"sandbox: writing outside the working directory is not allowed ({args[0]!r})")
+    if event in _PATH_EVENTS:
+        paths, dir_fds = _PATH_EVENTS[event]
+        for position in dir_fds:  # a dir_fd would resolve relative paths against another directory
+            if position < len(args) and args[position] not in _NO_DIR_FD:
+                raise PermissionError(f"sandbox: {event} with dir_fd is not allowed")
+        for position in paths:
+            if position < len(args) and args[position] is not None and not _inside(args[position]):
+                raise PermissionError(f"sandbox: {event} outside the working directory is not allowed")
+
+
+def _guarded_open(path, flags, mode=0o777, *, dir_fd=None, _open=os.open):
+    if dir_fd is not None:
+        raise PermissionError("sandbox: os.open with dir_fd is not allowed")
+    return _open(path, flags, mode)
 
 
 def install(allow_forks=False):
     if allow_forks:
         for event in ("os.fork", "os.forkpty"):
             _REFUSED.pop(event, None)
+    os.open = _guarded_open  # the "open" audit event does not carry dir_fd
     sys.addaudithook(_hook)

@@ -193,7 +193,10 @@ def _run_async(coros: list[Any], timeout: float) -> list[Any]:
     thread = threading.Thread(target=lambda: box.append(asyncio.run(_gather_with_timeouts(coros, timeout))),
                               daemon=True)
     thread.start()
-    thread.join()
+    # wait_for cannot pre-empt a coroutine that blocks the loop (time.sleep, a busy loop): bound the wait anyway
+    thread.join(timeout + 1.0)
+    if not box:
+        return [_Outcome(kind="timeouts") for _ in coros]  # the loop thread is abandoned
     results: list[Any] = box[0]
     return results
 

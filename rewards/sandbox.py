@@ -162,6 +162,7 @@ def run_python(
             raise InputError(f"sandbox file names must be plain and not reserved, got {name!r}")
     with tempfile.TemporaryDirectory(prefix="align-sbx-") as tmp:
         root = Path(tmp)
+        os.chmod(root, 0o711)  # nobody must traverse it to reach work/ (no listing)
         workdir = root / "work"
         workdir.mkdir(mode=0o777)
         (workdir / "main.py").write_text(code)

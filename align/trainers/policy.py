@@ -122,7 +122,7 @@ class PolicyTrainer:
             assert self.reference is not None
             with torch.no_grad():
                 ref_logp = self.reference(batch)
-        estimator_input: Tensor = rewards.to(torch.float32)
+        estimator_input: Tensor = rewards.to(torch.float64 if rewards.dtype == torch.float64 else torch.float32)
         token_rewards = None
         if spec.kl is not None and spec.kl_placement == "reward":
             assert ref_logp is not None
@@ -133,10 +133,14 @@ class PolicyTrainer:
         weights = None
         if self.credit_fn is not None:
             entropy = self._entropy(batch) if self.credit_needs_entropy else None
-            credit = self.credit_fn(batch, rewards, logp=batch.logp, entropy=entropy, token_rewards=token_rewards)
+            # the module spreads the sequence reward; a KL-in-reward penalty is added afterwards, so that no module
+            # can drop or re-weight it
+            credit = self.credit_fn(batch, rewards, logp=batch.logp, entropy=entropy, token_rewards=None)
             credit_out[spec.credit or "credit"] = credit.values
             if credit.output == "rewards":
                 estimator_input = credit.values.to(torch.float32)
+                if token_rewards is not None:
+                    estimator_input = estimator_input + token_rewards
             else:
                 weights = credit.values.to(torch.float32)
         advantages = ADVANTAGES.get(spec.advantage or "grpo")(estimator_input, batch.mask, batch.group_ids,
@@ -171,7 +175,9 @@ class PolicyTrainer:
         weighted: dict[str, float] = {}
         gap_sum, entropy_sum, tokens = 0.0, 0.0, float(batch.mask.sum())
         grad_norm = 0.0
-        self.model.train()
+        # eval mode: dropout would make pi_theta differ from the pi_old that sampled (ratio != 1 at mu = 1);
+        # gradients flow as usual
+        self.model.eval()
         for update in range(self.config.updates_per_batch):
             self.optimizer.zero_grad(set_to_none=True)
             for rows in self._micro_batches(batch):

@@ -35,7 +35,10 @@ class HFRolloutEngine:
         ids = torch.cat([torch.nn.functional.pad(c[0], (0, width - c[0].shape[1]), value=self.pad_id)
                          for c in chunks])
         logp = torch.cat([torch.nn.functional.pad(c[1], (0, width - c[1].shape[1])) for c in chunks])
-        mask = mask_after_eos(ids, self.eos_id) * (ids != self.pad_id).float()
+        # the mask comes from EOS alone (per chunk, before padding), never from pad ids: many tokenizers use EOS
+        # as their pad token, and the EOS itself is a trained token (spec §0)
+        mask = torch.cat([torch.nn.functional.pad(mask_after_eos(c[0], self.eos_id), (0, width - c[0].shape[1]))
+                          for c in chunks])
         ids = torch.where(mask != 0, ids, torch.full_like(ids, self.pad_id))
         completions = self.tokenizer.batch_decode([row[m != 0].tolist() for row, m in zip(ids, mask, strict=True)],
                                                   skip_special_tokens=True)
@@ -47,15 +50,18 @@ class HFRolloutEngine:
 
     def _generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                   params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
+        from transformers import GenerationConfig
+
         was_training = self.model.training
         self.model.eval()
-        sampling = {} if params.greedy else {"do_sample": True, "temperature": params.temperature,
-                                             "top_p": params.top_p, "top_k": 0}
-        out = self.model.generate(
-            input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=params.max_new_tokens,
-            pad_token_id=self.pad_id, eos_token_id=self.eos_id, return_dict_in_generate=True, output_logits=True,
-            do_sample=not params.greedy, **({k: v for k, v in sampling.items() if k != "do_sample"}),
+        # A clean config: the model's own generation config (repetition penalties, min_p, ...) would reshape the
+        # sampled distribution while the logged log-probs come from the raw logits.
+        config = GenerationConfig(
+            max_new_tokens=params.max_new_tokens, do_sample=not params.greedy, pad_token_id=self.pad_id,
+            eos_token_id=self.eos_id, return_dict_in_generate=True, output_logits=True,
+            **({} if params.greedy else {"temperature": params.temperature, "top_p": params.top_p, "top_k": 0}),
         )
+        out = self.model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config)
         if was_training:
             self.model.train()
         new = out.sequences[:, prompt_ids.shape[1] :]  # (b, t)

@@ -211,3 +211,19 @@ def test_nonuniform_groups_marks_dapo_filter() -> None:
     groups = torch.tensor([0, 0, 1, 1, 2, 2, 3])
     keep = nonuniform_groups(rewards, torch.ones(7, 2), groups)
     assert keep.tolist() == [False, False, True, True, False, False, False]
+
+
+@pytest.mark.parametrize("value", [0.1, 0.7, 1 / 3])
+@pytest.mark.parametrize("name", ["grpo", "dr_grpo", "rloo", "dense_group", "reinforce_pp_baseline"])
+def test_equal_non_dyadic_rewards_give_exactly_zero(name: str, value: float) -> None:
+    """8 equal rewards of 0.7 do not average back to 0.7 in floating point; the advantage must still be 0."""
+    for dtype in (torch.float32, torch.float64):
+        rewards = torch.full((8,), value, dtype=dtype)
+        adv = F.advantages(name, rewards=rewards, mask=torch.ones(8, 3), group_ids=torch.zeros(8, dtype=torch.long))
+        if name == "reinforce_pp_baseline":
+            assert adv.abs().max() < 1e-3  # whitening of an all-zero batch: 0 / sqrt(eps)
+        else:
+            assert adv.abs().max() == 0, (name, dtype)
+    keep = nonuniform_groups(torch.tensor([value] * 4 + [value, 0.2]), torch.ones(6, 2),
+                             torch.tensor([0, 0, 0, 0, 1, 1]))
+    assert keep.tolist() == [False] * 4 + [True, True]

@@ -176,3 +176,16 @@ def test_first_traceback_of_each_kind_is_logged_once(caplog: pytest.LogCaptureFi
 def test_batch_lengths_are_checked() -> None:
     with pytest.raises(InputError, match="has 2 completions but prompts has 1"):
         RewardBatch(prompts=["p"], completions=["a", "b"], completion_ids=[[1], [2]])
+
+
+@rewards.reward("t_async_blocking")
+async def t_async_blocking(completion: str) -> float:
+    time.sleep(3)  # blocks the event loop: wait_for cannot cancel it
+    return 1.0
+
+
+def test_an_async_reward_that_blocks_the_loop_still_times_out() -> None:
+    start = time.monotonic()
+    scores = RewardComposer([RewardTerm("t_async_blocking", timeout=0.3)]).score(BATCH)
+    assert time.monotonic() - start < 2.5
+    assert scores.metrics["reward/t_async_blocking/timeouts"] == 4.0

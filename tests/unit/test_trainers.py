@@ -128,3 +128,34 @@ def test_checkpoint_keeps_only_the_newest(tmp_path: Path) -> None:
     for step in range(1, 5):
         save_checkpoint(tmp_path, step=step, model=model, optimizer=optimizer, scheduler=scheduler, extra={}, keep=2)
     assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-00000003", "step-00000004"]
+
+
+def test_eos_stays_trainable_when_it_is_also_the_pad_token(tiny, monkeypatch) -> None:
+    model, tokenizer = tiny
+    engine = HFRolloutEngine(model, tokenizer)
+    engine.pad_id = engine.eos_id  # as for Llama or Qwen tokenizers without a pad token
+    fixed = torch.tensor([[5, 6, engine.eos_id, engine.eos_id], [7, 8, 9, 10]])
+    monkeypatch.setattr(engine, "_generate", lambda ids, mask, params: (fixed[: len(ids)], torch.zeros(2, 4)))
+    rollout = engine.generate(["1+1="], {}, samples_per_prompt=2, params=SamplingParams(max_new_tokens=4))
+    assert rollout.mask.tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]]
+
+
+def test_resume_only_picks_runs_of_the_same_recipe(tmp_path: Path) -> None:
+    from align.api import find_resumable_run
+    from align.config import recipe_from_dict
+
+    recipe = recipe_from_dict({"name": "grpo", "rewards": [{"name": "exact_match"}],
+                               "logging": {"dir": str(tmp_path)}})
+    model, optimizer, scheduler = _setup()
+    for name in ("grpo-20260101-000000", "grpo-lora-20260101-000000"):
+        save_checkpoint(tmp_path / name / "checkpoints", step=1, model=model, optimizer=optimizer,
+                        scheduler=scheduler, extra={})
+    assert find_resumable_run(recipe, True).name == "grpo-20260101-000000"
+
+
+def test_dr_grpo_normaliser_is_the_generation_budget() -> None:
+    from align.config import recipe_from_dict
+
+    recipe = recipe_from_dict({"algorithm": {"preset": "dr_grpo"}, "rollout": {"max_new_tokens": 37},
+                               "rewards": [{"name": "exact_match"}]})
+    assert recipe.algorithm_spec().generation_budget == 37
