@@ -167,6 +167,11 @@ class RuntimeSection(_Section):
     reward_workers: int = Field(2, ge=1)
     probe_every: int = Field(1, ge=1)  # verify weight sync every N steps
     probe_tolerance: float = Field(1e-3, gt=0)
+    # sample step k+1 while the learners train on step k (one step off-policy), corrected by truncated importance
+    # sampling: weight min(pi_learner / pi_rollout, is_cap) per token, or per sequence (geometric mean)
+    overlap: bool = False
+    is_level: Literal["token", "sequence"] = "token"
+    is_cap: float = Field(2.0, gt=0)
 
 
 class LoggingSection(_Section):

@@ -90,8 +90,9 @@ class LearnerRank:
                                           shard["completion_ids"], shard["mask"], temperature=self.temperature)
         return logp
 
-    def step(self, shard: dict[str, Tensor], ref_logp: Tensor | None) -> dict[str, float]:
-        return self.learner.step(shard, ref_logp)
+    def step(self, shard: dict[str, Tensor], ref_logp: Tensor | None, off_policy: str | None = None,
+             is_cap: float = 2.0) -> dict[str, float]:
+        return self.learner.step(shard, ref_logp, off_policy=off_policy, is_cap=is_cap)
 
     def logprobs(self, shard: dict[str, Tensor]) -> Tensor:
         return self.learner.logprobs(shard)

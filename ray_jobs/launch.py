@@ -38,6 +38,7 @@ from align.api import (
     prepare_base_model,
 )
 from align.config import Recipe, RecipeError
+from align.errors import AlignError
 from align.losses import kl_reward_penalty
 from align.ops import last_token_mask, masked_mean
 from align.runs import Progress, with_rendered_prompts
@@ -48,6 +49,10 @@ from align.trainers.sampler import PromptSampler
 from ray_jobs.actors import LearnerRank, RewardWorker, RolloutWorker
 from ray_jobs.learner_deepspeed import SHARD_KEYS, LearnerConfig, shard_rows, take
 from ray_jobs.weight_sync import ProbeCheck, bytes_to_state
+
+
+class LearnerFailure(AlignError, RuntimeError):
+    """A learner rank died: the run stops cleanly and continues from its last checkpoint with --resume."""
 
 
 def _free_port() -> int:
@@ -131,6 +136,19 @@ class Cluster:
         n = self.recipe.rollout.samples_per_prompt
         rollout: Rollout = self._with_rollout(lambda w: w.generate.remote(prompts, columns, n, params, seed))
         return rollout
+
+    def launch(self, prompts: list[str], columns: dict[str, list[Any]], params: SamplingParams, seed: int) -> Any:
+        """Start sampling without waiting (overlap); ``collect`` gets the rollout, re-sampling if the worker died."""
+        n = self.recipe.rollout.samples_per_prompt
+        return (self.rollout.generate.remote(prompts, columns, n, params, seed), (prompts, columns, params, seed))
+
+    def collect(self, launched: Any) -> Rollout:
+        ref, args = launched
+        try:
+            rollout: Rollout = ray.get(ref)
+            return rollout
+        except RayActorError:
+            return self.generate(*args)
 
     def score(self, rollout: Rollout, step: int) -> Any:
         from rewards.combine import merge_scores
@@ -222,9 +240,29 @@ def run_on_ray(recipe: Recipe, spec: AlgorithmSpec, *, resume: str | Path | bool
         log(f"held-out accuracy before training: {100 * before:.1f}%")
     bar = Progress(recipe.learner.steps, start_step, progress, log)
     last: dict[str, float] = {}
+
+    def launch_next() -> Any:
+        index = sampler.next(recipe.rollout.prompts_per_step)
+        seed = int(torch.randint(0, 2**31 - 1, (1,)))
+        return cluster.launch([prompts[i] for i in index], {k: [v[i] for i in index] for k, v in columns.items()},
+                              params, seed)
+
+    pending = None
     try:
         for step in range(start_step + 1, recipe.learner.steps + 1):
-            last = _step(step, cluster, spec, recipe, sampler, prompts, columns, params, accuracy_entry)
+            started = time.perf_counter()
+            launched = pending or launch_next()
+            # overlap: the next step's rollout starts now, with the weights of before this step's update
+            pending = launch_next() if recipe.runtime.overlap and step < recipe.learner.steps else None
+            rollout = cluster.collect(launched)
+            try:
+                last = _step(step, cluster, spec, recipe, rollout, accuracy_entry, started)
+            except RayActorError as err:
+                saved = latest_checkpoint(run_dir / "checkpoints")
+                where = f"its last checkpoint ({saved.name})" if saved else "the start (no checkpoint yet)"
+                raise LearnerFailure(f"a learner rank died at step {step} ({type(err).__name__}); the run stopped "
+                                     f"cleanly: `align train <recipe> --resume-from {run_dir}` continues from "
+                                     f"{where}") from None
             if step % recipe.runtime.probe_every == 0:
                 last["weight_sync/probe_max_gap"] = _verify_sync(cluster, probe).max_gap
             if step % recipe.logging.eval_every == 0 or step == recipe.learner.steps:
@@ -256,17 +294,13 @@ def _verify_sync(cluster: Cluster, probe: ProbeCheck) -> Any:
     return probe.check(rollout, learner, cluster.version)
 
 
-def _step(step: int, cluster: Cluster, spec: AlgorithmSpec, recipe: Recipe, sampler: PromptSampler,
-          prompts: list[str], columns: dict[str, list[Any]], params: SamplingParams,
-          accuracy_entry: Any) -> dict[str, float]:
-    start = time.perf_counter()
-    index = sampler.next(recipe.rollout.prompts_per_step)
-    seed = int(torch.randint(0, 2**31 - 1, (1,)))
-    rollout = cluster.generate([prompts[i] for i in index], {k: [v[i] for i in index] for k, v in columns.items()},
-                               params, seed)
+def _step(step: int, cluster: Cluster, spec: AlgorithmSpec, recipe: Recipe, rollout: Rollout,
+          accuracy_entry: Any, start: float) -> dict[str, float]:
     rollout_time = time.perf_counter() - start
     scores = cluster.score(rollout, step)
     metrics: dict[str, float] = dict(scores.metrics)
+    lag = cluster.version - rollout.weight_version  # 0 on-policy, 1 with overlap
+    metrics["off_policy_lag"] = float(lag)
     if accuracy_entry is not None:
         values = scores.per_reward[accuracy_entry.name]
         metrics["accuracy"] = float((values[torch.isfinite(values)] >= 1 - 1e-9).float().mean())
@@ -297,14 +331,16 @@ def _step(step: int, cluster: Cluster, spec: AlgorithmSpec, recipe: Recipe, samp
     full = _batch(batch, advantages)
     in_loss = spec.kl is not None and spec.kl_placement == "loss"
     update_start = time.perf_counter()
+    correction = recipe.runtime.is_level if lag > 0 else None
     stats = ray.get([learner.step.remote(take(full, rows), ref_logp[rows] if in_loss and ref_logp is not None
-                                         else None) for learner, rows in zip(cluster.learners, shards, strict=True)])
+                                         else None, correction, recipe.runtime.is_cap)
+                     for learner, rows in zip(cluster.learners, shards, strict=True)])
     tokens = [float(batch.mask[rows].sum()) for rows in shards]
-    for key in stats[0]:
+    for key in sorted({k for s in stats for k in s}):
         if key in ("loss", "pg_loss", "kl"):
             metrics[key] = sum(s[key] for s in stats)
         else:
-            metrics[key] = sum(s[key] * t for s, t in zip(stats, tokens, strict=True)) / max(sum(tokens), 1.0)
+            metrics[key] = sum(s.get(key, 0.0) * t for s, t in zip(stats, tokens, strict=True)) / max(sum(tokens), 1.0)
     cluster.sync(cluster.version + 1)
     total = time.perf_counter() - start
     metrics.update({"weight_version": float(cluster.version), "advantage/abs_mean": float(

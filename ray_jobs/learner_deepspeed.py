@@ -75,11 +75,33 @@ class DeepSpeedLearner:
         self.rank, self.world_size = rank, world_size
         self.version = 0
 
-    def step(self, shard: dict[str, Tensor], ref_logp: Tensor | None = None) -> dict[str, float]:
-        """One optimiser step over this rank's rows; returns the loss share and stats of this rank."""
+    def step(self, shard: dict[str, Tensor], ref_logp: Tensor | None = None, *, off_policy: str | None = None,
+             is_cap: float = 2.0) -> dict[str, float]:
+        """One optimiser step over this rank's rows; returns the loss share and stats of this rank.
+
+        ``off_policy`` ("token" or "sequence"): the rows were sampled by an older policy. The learner's own
+        log-probs before the update become pi_old (the proximal policy of the PPO ratio) and the advantages are
+        weighted by the truncated importance ratio min(pi_learner / pi_rollout, is_cap), per token or per
+        sequence (the geometric mean over the row's tokens).
+        """
         import torch.distributed as dist
 
         mask = shard["mask"]
+        extra: dict[str, float] = {}
+        if off_policy is not None:
+            shard = dict(shard)
+            proximal = self.logprobs(shard)  # (B, T) under the current weights, no gradient
+            log_w = proximal - shard["logp"]
+            if off_policy == "sequence":
+                log_w = (log_w * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)
+                log_w = log_w.expand_as(mask)
+            weight = log_w.exp()
+            truncated = weight > is_cap
+            shard["advantages"] = shard["advantages"] * weight.clamp(max=is_cap) * mask
+            shard["logp"] = proximal
+            tokens = mask.sum().clamp(min=1)
+            extra = {"is/weight_mean": float((weight * mask).sum() / tokens),
+                     "is/truncated_frac": float((truncated.float() * mask).sum() / tokens)}
         local = StepNormalizer.from_masks(mask)
         normalizer = local.all_reduce() if dist.is_initialized() else local
         self.engine.train()
@@ -92,7 +114,7 @@ class DeepSpeedLearner:
         self.engine.backward(loss * self.world_size)  # DeepSpeed averages over ranks; the shares must add up
         self.engine.step()
         self.version += 1
-        out = {k: float(v) for k, v in stats.items()}
+        out = {**{k: float(v) for k, v in stats.items()}, **extra}
         out["logprob_gap/rollout_vs_learner"] = float(((logp.detach() - shard["logp"]).abs() * mask).sum()
                                                       / mask.sum().clamp(min=1))
         return out

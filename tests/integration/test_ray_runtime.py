@@ -129,3 +129,43 @@ def test_ray_job_submit_round_trip(tmp_path: Path) -> None:
     assert len(runs) == 1
     assert [r["step"] for r in read_metrics(runs[0])] == [0, 1, 2, 3]
     assert json.loads((runs[0] / "checkpoints" / "step-00000003" / "state.json").read_text())["step"] == 3
+
+
+def test_a_dead_learner_stops_cleanly_and_the_run_resumes(tmp_path: Path) -> None:
+    from ray_jobs.launch import LearnerFailure
+
+    config = recipe(tmp_path, name="ray_learner_kill", learner={"lr": 1e-3, "steps": 6}, checkpoint={"every": 2})
+    killed: list[str] = []
+    from ray_jobs import launch
+
+    original = launch._checkpoint
+
+    def checkpoint_then_kill(run_dir, step, cluster, sampler, before):
+        original(run_dir, step, cluster, sampler, before)
+        if step == 2:
+            ray.kill(cluster.learners[1], no_restart=True)  # a learner rank dies right after a checkpoint
+            killed.append("rank1")
+
+    launch._checkpoint = checkpoint_then_kill
+    try:
+        with pytest.raises(LearnerFailure, match=r"learner rank died at step 3.*--resume-from .*step-00000002"):
+            api.train(config, progress=False, log=lambda _: None)
+    finally:
+        launch._checkpoint = original
+    assert killed == ["rank1"]
+    run_dir = next((tmp_path / "runs").glob("ray_learner_kill-*"))
+    resumed = api.train(config, resume=run_dir, progress=False, log=lambda _: None)
+    assert [r["step"] for r in read_metrics(resumed.run_dir)] == [0, 1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_overlapped_rollouts_are_one_step_off_policy_and_importance_corrected(tmp_path: Path, level: str) -> None:
+    config = recipe(tmp_path, name=f"ray_overlap_{level}", learner={"lr": 1e-3, "steps": 4},
+                    runtime={"backend": "ray", "learners": 2, "reward_workers": 2, "overlap": True, "is_level": level})
+    result = api.train(config, progress=False, log=lambda _: None)
+    rows = read_metrics(result.run_dir)[1:]
+    assert [r["off_policy_lag"] for r in rows] == [0.0, 1.0, 1.0, 1.0]
+    assert "is/weight_mean" not in rows[0]
+    for row in rows[1:]:
+        assert 0.5 < row["is/weight_mean"] < 2.0 and 0 <= row["is/truncated_frac"] <= 1
+    assert all(r["weight_sync/probe_max_gap"] < 1e-3 for r in rows)
