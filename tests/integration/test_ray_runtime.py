@@ -101,6 +101,8 @@ def _free_port() -> int:
 
 
 def test_ray_job_submit_round_trip(tmp_path: Path) -> None:
+    if ray.is_initialized():
+        ray.shutdown()  # `ray stop` below ends every Ray process of the machine, an embedded one included
     ray_bin = Path(sys.executable).with_name("ray")
     work = tmp_path / "job"
     work.mkdir()
@@ -116,10 +118,15 @@ def test_ray_job_submit_round_trip(tmp_path: Path) -> None:
                             f"--temp-dir={temp_dir}"], env=env, capture_output=True, text=True, timeout=120)
     assert start.returncode == 0, start.stderr[-2000:]
     try:
-        submit = subprocess.run(
-            [str(ray_bin), "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", str(work),
-             "--", sys.executable, "-m", "align.cli", "train", "recipe.yaml", "--no-progress"],
-            env=env, capture_output=True, text=True, timeout=400)
+        deadline = time.monotonic() + 90
+        while True:  # the head's job agent needs a few seconds after `ray start` returns
+            submit = subprocess.run(
+                [str(ray_bin), "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir",
+                 str(work), "--", sys.executable, "-m", "align.cli", "train", "recipe.yaml", "--no-progress"],
+                env=env, capture_output=True, text=True, timeout=400)
+            if "No available agent" not in submit.stderr or time.monotonic() > deadline:
+                break
+            time.sleep(2)
         assert submit.returncode == 0, (submit.stdout + submit.stderr)[-3000:]
         assert "held-out accuracy:" in submit.stdout
     finally:
