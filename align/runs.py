@@ -33,7 +33,7 @@ from align.api import (
 )
 from align.config import Recipe, RecipeError
 from align.data.loading import as_text, load_preference_dataset
-from align.trainers.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from align.trainers.checkpoint import TrainingState, latest_checkpoint, load_checkpoint, save_checkpoint
 from align.trainers.engines import get_engine_factory, vllm_installed
 from align.trainers.metrics import MetricsLogger
 from align.trainers.optim import build_optimizer, build_scheduler
@@ -86,6 +86,25 @@ def render_prompts(prompts: list[Any], tokenizer: Any, recipe: Recipe) -> list[s
 def with_rendered_prompts(dataset: Any, tokenizer: Any, recipe: Recipe) -> Any:
     rendered = render_prompts(dataset["prompt"], tokenizer, recipe)
     return dataset.remove_columns("prompt").add_column("prompt", rendered)
+
+
+def open_run(recipe: Recipe, resume: str | Path | bool, model: Any, optimizer: Any, scheduler: Any,
+             log: Callable[[str], None]) -> tuple[Path, TrainingState | None, MetricsLogger]:
+    """A new run directory, or the resumed run with its latest checkpoint loaded; and its metrics logger, with any
+    lines logged after that checkpoint dropped (the resumed run logs them again)."""
+    state = None
+    if resume:
+        run_dir = find_resumable_run(recipe, resume)
+        checkpoint = latest_checkpoint(run_dir / "checkpoints")
+        assert checkpoint is not None
+        state = load_checkpoint(checkpoint, model=model, optimizer=optimizer, scheduler=scheduler)
+        log(f"resuming {run_dir} from step {state.step}")
+    else:
+        run_dir = new_run_dir(recipe)
+    logger = MetricsLogger(run_dir, tensorboard=recipe.logging.tensorboard, backends=recipe.logging.backends,
+                           project=recipe.logging.project, config=recipe.model_dump(mode="json"))
+    logger.truncate_after(0 if state is None else state.step)
+    return run_dir, state, logger
 
 
 def build_engine(model: Any, tokenizer: Any, base: Path, recipe: Recipe) -> Any:
@@ -174,23 +193,12 @@ def run_policy(recipe: Recipe, spec: AlgorithmSpec, *, resume: str | Path | bool
         return _greedy(model, tokenizer, test, score, recipe.rollout.max_new_tokens)
 
     seed_everything(recipe.seed + 1)  # the training stream starts from a known state (a resume restores its own)
-    start_step, before = 0, None
-    if resume:
-        run_dir = find_resumable_run(recipe, resume)
-        checkpoint = latest_checkpoint(run_dir / "checkpoints")
-        assert checkpoint is not None
-        state = load_checkpoint(checkpoint, model=model, optimizer=optimizer, scheduler=scheduler)
-        start_step = state.step
+    run_dir, state, logger = open_run(recipe, resume, model, optimizer, scheduler, log)
+    start_step, before = (0, None) if state is None else (state.step, state.extra.get("accuracy_before"))
+    if state is not None:
         trainer.sampler.load_state_dict(state.extra["sampler"])
         trainer.version = int(state.extra["version"])
         engine.sync_weights(model, trainer.version)
-        before = state.extra.get("accuracy_before")
-        log(f"resuming {run_dir} from step {start_step}")
-    else:
-        run_dir = new_run_dir(recipe)
-    logger = MetricsLogger(run_dir, tensorboard=recipe.logging.tensorboard, backends=recipe.logging.backends,
-                           project=recipe.logging.project, config=recipe.model_dump(mode="json"))
-    logger.truncate_after(start_step)
     samples = SampleRecorder(run_dir, tokenizer, per_step=recipe.logging.samples_per_step,
                              max_bytes=int(recipe.logging.samples_max_mb * 2**20),
                              diagnostics=credit_diagnostics(recipe.logging.credit_diagnostics))
@@ -271,20 +279,10 @@ def run_preference(recipe: Recipe, spec: AlgorithmSpec, *, resume: str | Path | 
         return out
 
     seed_everything(recipe.seed + 1)
-    start_step, before = 0, None
-    if resume:
-        run_dir = find_resumable_run(recipe, resume)
-        checkpoint = latest_checkpoint(run_dir / "checkpoints")
-        assert checkpoint is not None
-        state = load_checkpoint(checkpoint, model=model, optimizer=optimizer, scheduler=scheduler)
-        start_step, before = state.step, state.extra.get("before")
+    run_dir, state, logger = open_run(recipe, resume, model, optimizer, scheduler, log)
+    start_step, before = (0, None) if state is None else (state.step, state.extra.get("before"))
+    if state is not None:
         sampler.load_state_dict(state.extra["sampler"])
-        log(f"resuming {run_dir} from step {start_step}")
-    else:
-        run_dir = new_run_dir(recipe)
-    logger = MetricsLogger(run_dir, tensorboard=recipe.logging.tensorboard, backends=recipe.logging.backends,
-                           project=recipe.logging.project, config=recipe.model_dump(mode="json"))
-    logger.truncate_after(start_step)
     if before is None:
         before = evaluate()
         logger.log(0, before)
