@@ -125,3 +125,39 @@ class RewardWorker:
 
     def pid(self) -> int:
         return os.getpid()
+
+
+@ray.remote
+class AuxModelWorker:
+    """Serves an auxiliary model's per-token log-probs (and logits) to credit modules, from its own process."""
+
+    def __init__(self, model_dir: str, threads: int = 1) -> None:
+        _threads(threads)
+        from transformers import AutoModelForCausalLM
+
+        from rewards.credit import CausalLMScorer
+
+        self.scorer = CausalLMScorer(AutoModelForCausalLM.from_pretrained(model_dir).eval())
+
+    def token_logprobs(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        result: Tensor = self.scorer.token_logprobs(input_ids, attention_mask)
+        return result
+
+    def logits(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        result: Tensor = self.scorer.logits(input_ids, attention_mask)
+        return result
+
+
+class RemoteScorer:
+    """The credit modules' model protocol, answered by an :class:`AuxModelWorker` actor."""
+
+    def __init__(self, actor: Any) -> None:
+        self.actor = actor
+
+    def token_logprobs(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        result: Tensor = ray.get(self.actor.token_logprobs.remote(input_ids, attention_mask))
+        return result
+
+    def logits(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        result: Tensor = ray.get(self.actor.logits.remote(input_ids, attention_mask))
+        return result

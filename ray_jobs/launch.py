@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import socket
 import time
 from collections.abc import Callable
@@ -87,12 +88,54 @@ class Cluster:
                                zero_stage=rt.zero_stage, temperature=recipe.rollout.temperature,
                                backend="nccl" if rt.device.startswith("cuda") else "gloo", seed=recipe.seed)
         gpu = 1 if rt.device.startswith("cuda") else 0
-        self.learners = [LearnerRank.options(num_cpus=0.5, num_gpus=gpu).remote(
-            self.model_dir, spec, config, rank, rt.learners, port) for rank in range(rt.learners)]
+        self.placement = self._place(gpu)
+        self.learners = [LearnerRank.options(num_cpus=0.5, num_gpus=gpu, scheduling_strategy=self._bundle(1 + rank))
+                         .remote(self.model_dir, spec, config, rank, rt.learners, port) for rank in range(rt.learners)]
         self.rollout = self._new_rollout()
-        self.rewards = [self._new_reward() for _ in range(rt.reward_workers)]
+        self.rewards = [self._new_reward(i) for i in range(rt.reward_workers)]
         self.payload: bytes | None = None
         self.version = 0
+        self.aux_actors: list[Any] = []
+        self.credit = self._credit(recipe, model_dir)
+
+    def _credit(self, recipe: Recipe, model_dir: Path) -> Any:
+        """The recipe's credit module; auxiliary models it names are served by their own actors."""
+        if recipe.credit is None:
+            return None
+        from ray_jobs.actors import AuxModelWorker, RemoteScorer
+        from rewards.adapters import MODEL_OPTIONS, CreditModuleFunction
+
+        options = dict(recipe.credit.options)
+        for key in MODEL_OPTIONS:
+            if isinstance(options.get(key), str):
+                path = str(model_dir) if options[key] == "base" else options[key]
+                actor = AuxModelWorker.options(num_cpus=0.25).remote(path)
+                self.aux_actors.append(actor)
+                options[key] = RemoteScorer(actor)
+        return CreditModuleFunction(recipe.credit.name, options)
+
+    def _place(self, gpu: int) -> Any:
+        """One placement group for the run: bundle 0 the rollout worker, 1..N the learner ranks (GPU bundles where
+        GPUs exist, CPU bundles here), then the reward workers; PACK keeps them on as few nodes as possible."""
+        from ray.util.placement_group import placement_group
+
+        rt = self.recipe.runtime
+        engine = {"CPU": 0.5, **({"GPU": 1} if gpu else {})}
+        bundles = [engine] + [dict(engine) for _ in range(rt.learners)] + [{"CPU": 0.25}] * rt.reward_workers
+        group = placement_group(bundles, strategy="PACK")
+        try:
+            ray.get(group.ready(), timeout=120)
+        except Exception:
+            ray.util.remove_placement_group(group)
+            raise RecipeError(f"recipe key 'runtime': the Ray cluster cannot place {len(bundles)} bundles "
+                              f"({rt.learners} learner ranks, 1 rollout worker, {rt.reward_workers} reward workers"
+                              f"{', one GPU each for rollout and learners' if gpu else ''}) within 120 s") from None
+        return group
+
+    def _bundle(self, index: int) -> Any:
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        return PlacementGroupSchedulingStrategy(placement_group=self.placement, placement_group_bundle_index=index)
 
     def _new_rollout(self) -> Any:
         engine = self.recipe.rollout.engine
@@ -104,14 +147,23 @@ class Cluster:
             options.setdefault("seed", self.recipe.seed)
         gpu = 1 if self.recipe.runtime.device.startswith("cuda") else 0
         name = f"align-rollout-{self.tag}-{self.restarts}"
-        return RolloutWorker.options(num_cpus=0.5, num_gpus=gpu, name=name).remote(self.model_dir, engine, options)
+        return RolloutWorker.options(num_cpus=0.5, num_gpus=gpu, name=name, scheduling_strategy=self._bundle(0)) \
+            .remote(self.model_dir, engine, options)
 
-    def _new_reward(self) -> Any:
+    def _new_reward(self, slot: int) -> Any:
         terms = [{"name": e.name, "weight": e.weight, "options": e.options, "on_failure": e.on_failure,
                   "fallback": e.fallback, "timeout": e.timeout} for e in self.recipe.rewards]
         self.restarts += 1
         name = f"align-reward-{self.tag}-{self.restarts}"
-        return RewardWorker.options(num_cpus=0.25, name=name).remote(self.recipe.plugins, terms)
+        bundle = self._bundle(1 + self.recipe.runtime.learners + slot)
+        return RewardWorker.options(num_cpus=0.25, name=name, scheduling_strategy=bundle).remote(self.recipe.plugins,
+                                                                                                 terms)
+
+    def shutdown(self) -> None:
+        """End this run's actors and free its placement group (an embedded Ray may serve further runs)."""
+        for actor in [*self.learners, self.rollout, *self.rewards, *self.aux_actors]:
+            ray.kill(actor, no_restart=True)
+        ray.util.remove_placement_group(self.placement)
 
     def sync(self, version: int) -> None:
         self.payload = ray.get(self.learners[0].state_bytes.remote())
@@ -166,7 +218,7 @@ class Cluster:
             except RayActorError:
                 if attempt == 2:
                     raise
-                self.rewards = [w if _alive(w) else self._new_reward() for w in self.rewards]
+                self.rewards = [w if _alive(w) else self._new_reward(i) for i, w in enumerate(self.rewards)]
         raise AssertionError("unreachable")
 
 
@@ -193,6 +245,9 @@ def run_on_ray(recipe: Recipe, spec: AlgorithmSpec, *, resume: str | Path | bool
     if recipe.lora.enabled:
         raise RecipeError("recipe key 'lora.enabled': the Ray runtime syncs full weights; use backend: local for "
                           "LoRA")
+    if recipe.credit is not None and recipe.credit.name == "entropy_weighted":
+        raise RecipeError("recipe key 'credit.name': entropy_weighted needs the policy's entropy, which the Ray "
+                          "driver does not receive yet; use backend: local")
     connect(recipe)
     base = prepare_base_model(recipe, log)
     eval_model, tokenizer = load_model(base, recipe)
@@ -270,13 +325,16 @@ def run_on_ray(recipe: Recipe, spec: AlgorithmSpec, *, resume: str | Path | bool
             logger.log(step, last)
             bar.update(step, last)
             if step % recipe.checkpoint.every == 0 or step == recipe.learner.steps:
-                _checkpoint(run_dir, step, cluster, sampler, before)
+                _checkpoint(run_dir, step, cluster, sampler, before, recipe.checkpoint.keep)
     finally:
         bar.close()
         logger.close()
+        payload = cluster.payload
+        cluster.shutdown()
     after = last.get("eval/accuracy", before)
     final = run_dir / "final"
-    assert cluster.payload is not None
+    assert payload is not None
+    cluster.payload = payload
     eval_model.load_state_dict(bytes_to_state(cluster.payload))
     eval_model.save_pretrained(final)
     tokenizer.save_pretrained(final)
@@ -322,12 +380,23 @@ def _step(step: int, cluster: Cluster, spec: AlgorithmSpec, recipe: Recipe, roll
         for rows, part in zip(shards, ref_parts, strict=True):
             ref_logp[rows] = part
     estimator_input: torch.Tensor = rewards
+    penalty = None
     if spec.kl is not None and spec.kl_placement == "reward":
         assert ref_logp is not None
         penalty = kl_reward_penalty(batch.logp, ref_logp, batch.mask, coef=spec.kl_coef, estimator=spec.kl)
         estimator_input = torch.where(last_token_mask(batch.mask), rewards.unsqueeze(-1), 0.0) + penalty
+    weights = None
+    if cluster.credit is not None:  # as the local trainer: token rewards feed the estimator, weights scale after
+        credit = cluster.credit(batch, rewards, logp=batch.logp, entropy=None, token_rewards=None)
+        metrics["credit/aux_model_actors"] = float(len(cluster.aux_actors))
+        if credit.output == "rewards":
+            estimator_input = credit.values.to(torch.float32) + (0.0 if penalty is None else penalty)
+        else:
+            weights = credit.values.to(torch.float32)
     advantages = ADVANTAGES.get(spec.advantage or "grpo")(estimator_input, batch.mask, batch.group_ids,
                                                           **spec.advantage_kwargs).to(torch.float32)
+    if weights is not None:
+        advantages = advantages * weights
     full = _batch(batch, advantages)
     in_loss = spec.kl is not None and spec.kl_placement == "loss"
     update_start = time.perf_counter()
@@ -350,7 +419,8 @@ def _step(step: int, cluster: Cluster, spec: AlgorithmSpec, recipe: Recipe, roll
     return metrics
 
 
-def _checkpoint(run_dir: Path, step: int, cluster: Cluster, sampler: PromptSampler, before: float) -> None:
+def _checkpoint(run_dir: Path, step: int, cluster: Cluster, sampler: PromptSampler, before: float,
+                keep: int = 2) -> None:
     directory = run_dir / "checkpoints"
     directory.mkdir(parents=True, exist_ok=True)
     tag = f"step-{step:08d}"
@@ -362,10 +432,12 @@ def _checkpoint(run_dir: Path, step: int, cluster: Cluster, sampler: PromptSampl
     tmp.mkdir(exist_ok=True)
     (tmp / "state.json").write_text(json.dumps(state))
     if (directory / tag).exists():
-        import shutil
-
         shutil.rmtree(directory / tag)
     os.rename(tmp, directory / tag)
     pointer = directory / f".latest.tmp-{os.getpid()}"
     pointer.write_text(tag + "\n")
     os.replace(pointer, directory / "latest")
+
+    for old in sorted(p for p in directory.glob("step-*") if p.is_dir())[:-keep]:  # keep the newest `keep`
+        shutil.rmtree(directory / "deepspeed" / old.name, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)

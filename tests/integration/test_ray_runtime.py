@@ -42,7 +42,7 @@ def recipe(tmp_path: Path, **changes: object) -> dict:
         "checkpoint": {"every": 2},
     }
     for key, value in changes.items():
-        data[key] = {**data[key], **value} if isinstance(value, dict) else value
+        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
     return data
 
 
@@ -147,8 +147,8 @@ def test_a_dead_learner_stops_cleanly_and_the_run_resumes(tmp_path: Path) -> Non
 
     original = launch._checkpoint
 
-    def checkpoint_then_kill(run_dir, step, cluster, sampler, before):
-        original(run_dir, step, cluster, sampler, before)
+    def checkpoint_then_kill(run_dir, step, cluster, sampler, before, keep=2):
+        original(run_dir, step, cluster, sampler, before, keep)
         if step == 2:
             ray.kill(cluster.learners[1], no_restart=True)  # a learner rank dies right after a checkpoint
             killed.append("rank1")
@@ -176,3 +176,17 @@ def test_overlapped_rollouts_are_one_step_off_policy_and_importance_corrected(tm
     for row in rows[1:]:
         assert 0.5 < row["is/weight_mean"] < 2.0 and 0 <= row["is/truncated_frac"] <= 1
     assert all(r["weight_sync/probe_max_gap"] < 1e-3 for r in rows)
+
+
+def test_credit_modules_run_on_ray_with_auxiliary_models_in_their_own_actors(tmp_path: Path) -> None:
+    config = recipe(tmp_path, name="ray_credit", algorithm={"preset": "grpo", "overrides": {"advantage":
+                                                                                             "dense_group"}},
+                    credit={"name": "implicit_dpo", "options": {"dpo_model": "base", "ref_model": "base"}},
+                    checkpoint={"every": 1, "keep": 2})
+    result = api.train(config, progress=False, log=lambda _: None)
+    rows = read_metrics(result.run_dir)
+    assert [r.get("weight_version") for r in rows[1:]] == [1.0, 2.0, 3.0]
+    assert all(r["credit/aux_model_actors"] == 2.0 for r in rows[1:])  # the DPO model and its reference
+    kept = sorted(p.name for p in (result.run_dir / "checkpoints").glob("step-*"))
+    assert kept == ["step-00000002", "step-00000003"]  # checkpoint.keep applies on Ray too
+    assert sorted(p.name for p in (result.run_dir / "checkpoints" / "deepspeed").glob("step-*")) == kept
