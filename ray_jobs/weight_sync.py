@@ -71,3 +71,55 @@ class ProbeCheck:
                 f"max log-prob gap {result.max_gap:.3g} > tolerance {self.tolerance:g}; the engine is sampling "
                 "stale weights, stopping before training on them")
         return result
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Collective sync protocol: the source broadcasts the version, then every tensor in a fixed order, to receivers
+# that allocated buffers from the metadata (NCCL between GPUs; gloo here, where it is tested in two processes).
+# NOT YET WIRED into the Ray runtime: learner rank 0 already belongs to DeepSpeed's process group, and a second,
+# separate group with the rollout worker needs a stateless group (as vLLM's StatelessProcessGroup + PyNccl); the
+# runtime syncs through the object store meanwhile.
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+
+def tensor_specs(state: dict[str, Tensor]) -> list[TensorSpec]:
+    """The metadata the receiver needs to allocate buffers (sent once, e.g. through Ray)."""
+    return [TensorSpec(k, tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in state.items()]
+
+
+class BroadcastGroup:
+    """A two-party (or wider) process group between the learner's rank 0 (source, rank 0 here) and receivers."""
+
+    def __init__(self, *, rank: int, world_size: int, init_method: str, backend: str = "gloo") -> None:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            raise RuntimeError("BroadcastGroup needs a process without a default process group (see the note above)")
+        dist.init_process_group(backend=backend, init_method=init_method, rank=rank, world_size=world_size)
+        self.dist, self.group, self.rank = dist, None, rank
+
+    def send(self, state: dict[str, Tensor], version: int) -> None:
+        """Source side: the version first (receivers check it), then every tensor in ``tensor_specs`` order."""
+        self.dist.broadcast(torch.tensor([version], dtype=torch.long), src=0, group=self.group)
+        for tensor in state.values():
+            self.dist.broadcast(tensor.detach().contiguous(), src=0, group=self.group)
+
+    def receive(self, specs: Sequence[TensorSpec], device: str = "cpu") -> tuple[int, dict[str, Tensor]]:
+        """Receiver side: (version, state) with freshly received tensors."""
+        version = torch.zeros(1, dtype=torch.long)
+        self.dist.broadcast(version, src=0, group=self.group)
+        state = {}
+        for spec in specs:
+            buffer = torch.empty(spec.shape, dtype=getattr(torch, spec.dtype), device=device)
+            self.dist.broadcast(buffer, src=0, group=self.group)
+            state[spec.name] = buffer
+        return int(version.item()), state
+
+    def close(self) -> None:
+        if self.dist.is_initialized():
+            self.dist.destroy_process_group()
