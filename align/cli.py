@@ -110,10 +110,10 @@ def evaluate(
 ) -> None:
     """Greedy held-out accuracy of a trained run or any model directory."""
     _quiet_libraries()
-    from align import api
+    from align import evaluation
 
     try:
-        accuracy = api.evaluate(target, data=data, reward=reward, size=size, max_new_tokens=max_new_tokens,
+        accuracy = evaluation.evaluate(target, data=data, reward=reward, size=size, max_new_tokens=max_new_tokens,
                                 seed=seed)
     except AlignError as err:
         _fail(err)

@@ -42,9 +42,10 @@ from align.config import Recipe, RecipeError
 from align.errors import AlignError
 from align.losses import kl_reward_penalty
 from align.ops import last_token_mask, masked_mean
-from align.runs import Progress, with_rendered_prompts
+from align.runs import with_rendered_prompts
 from align.trainers.checkpoint import latest_checkpoint
 from align.trainers.metrics import MetricsLogger
+from align.trainers.progress import Progress
 from align.trainers.protocols import Rollout, SamplingParams
 from align.trainers.sampler import PromptSampler
 from ray_jobs.actors import LearnerRank, RewardWorker, RolloutWorker
