@@ -169,6 +169,9 @@ class RuntimeSection(_Section):
     probe_tolerance: float = Field(1e-3, gt=0)
     # sample step k+1 while the learners train on step k (one step off-policy), corrected by truncated importance
     # sampling: weight min(pi_learner / pi_rollout, is_cap) per token, or per sequence (geometric mean)
+    # object_store: safetensors bytes through Ray; broadcast: a stateless gloo/NCCL group between learner rank 0
+    # and the rollout worker
+    weight_sync: Literal["object_store", "broadcast"] = "object_store"
     overlap: bool = False
     is_level: Literal["token", "sequence"] = "token"
     is_cap: float = Field(2.0, gt=0)

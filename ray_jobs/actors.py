@@ -53,7 +53,20 @@ class RolloutWorker:
         return rollout
 
     def sync(self, payload: bytes, version: int) -> int:
-        state = bytes_to_state(payload)
+        return self._load(bytes_to_state(payload), version)
+
+    def open_sync(self, host: str, port: int, backend: str) -> None:
+        from ray_jobs.weight_sync import BroadcastGroup
+
+        self.group = BroadcastGroup(host=host, port=port, rank=1, world_size=2, backend=backend)
+
+    def receive(self, specs: Sequence[Any], version: int) -> int:
+        received, state = self.group.receive(specs)
+        if received != version:
+            raise RuntimeError(f"weight sync: expected version {version}, the learner sent {received}")
+        return self._load({k: v.to("cpu") for k, v in state.items()}, version)
+
+    def _load(self, state: dict[str, Tensor], version: int) -> int:
         if self.model is None:
             self.engine.load_state(state, version)
         else:
@@ -99,6 +112,16 @@ class LearnerRank:
 
     def state_bytes(self) -> bytes:
         return self.learner.state_bytes()
+
+    def open_sync(self, host: str, port: int, backend: str) -> list[Any]:
+        """Rank 0: open the stateless sync group with the rollout worker; returns the tensors' metadata."""
+        from ray_jobs.weight_sync import BroadcastGroup, tensor_specs
+
+        self.group = BroadcastGroup(host=host, port=port, rank=0, world_size=2, backend=backend)
+        return tensor_specs(self.learner.engine.module.state_dict())
+
+    def send(self, version: int) -> None:
+        self.group.send(self.learner.engine.module.state_dict(), version)
 
     def save(self, directory: str, tag: str) -> None:
         self.learner.engine.save_checkpoint(directory, tag=tag)

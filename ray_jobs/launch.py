@@ -98,6 +98,18 @@ class Cluster:
         self.version = 0
         self.aux_actors: list[Any] = []
         self.credit = self._credit(recipe, model_dir)
+        self.specs: list[Any] | None = None
+        if rt.weight_sync == "broadcast":
+            self._open_sync()
+
+    def _open_sync(self) -> None:
+        """A stateless broadcast group between learner rank 0 and the (current) rollout worker."""
+        backend = "nccl" if self.recipe.runtime.device.startswith("cuda") else "gloo"
+        host = ray.util.get_node_ip_address() if self.recipe.runtime.address else "127.0.0.1"
+        port = _free_port()
+        specs, _ = ray.get([self.learners[0].open_sync.remote(host, port, backend),
+                            self.rollout.open_sync.remote(host, port, backend)])
+        self.specs = specs
 
     def _credit(self, recipe: Recipe, model_dir: Path) -> Any:
         """The recipe's credit module; auxiliary models it names are served by their own actors."""
@@ -167,9 +179,19 @@ class Cluster:
         ray.util.remove_placement_group(self.placement)
 
     def sync(self, version: int) -> None:
-        self.payload = ray.get(self.learners[0].state_bytes.remote())
         self.version = version
+        if self.specs is not None:  # broadcast: no bytes through the object store
+            self.payload = None
+            ray.get([self.learners[0].send.remote(version), self.rollout.receive.remote(self.specs, version)])
+            return
+        self.payload = ray.get(self.learners[0].state_bytes.remote())
         self._with_rollout(lambda w: w.sync.remote(self.payload, version))
+
+    def weights(self) -> bytes:
+        """The policy's current weights as bytes (for evaluation and the final model)."""
+        if self.payload is None:
+            self.payload = ray.get(self.learners[0].state_bytes.remote())
+        return self.payload
 
     def _with_rollout(self, call: Callable[[Any], Any], retries: int = 2) -> Any:
         for attempt in range(retries + 1):
@@ -180,8 +202,9 @@ class Cluster:
                     raise
                 self.restarts += 1
                 self.rollout = self._new_rollout()  # a fresh worker starts from the base weights: resync it
-                if self.payload is not None:
-                    ray.get(self.rollout.sync.remote(self.payload, self.version))
+                if self.specs is not None:
+                    self._open_sync()
+                ray.get(self.rollout.sync.remote(self.weights(), self.version))
         raise AssertionError("unreachable")
 
     def generate(self, prompts: list[str], columns: dict[str, list[Any]], params: SamplingParams,
@@ -265,8 +288,7 @@ def run_on_ray(recipe: Recipe, spec: AlgorithmSpec, *, resume: str | Path | bool
     accuracy_entry = _accuracy_entry(recipe)
 
     def evaluate() -> float:
-        assert cluster.payload is not None
-        eval_model.load_state_dict(bytes_to_state(cluster.payload))
+        eval_model.load_state_dict(bytes_to_state(cluster.weights()))
         return _greedy(eval_model, tokenizer, test, score, recipe.rollout.max_new_tokens)
 
     random.seed(recipe.seed + 1)
@@ -330,13 +352,11 @@ def run_on_ray(recipe: Recipe, spec: AlgorithmSpec, *, resume: str | Path | bool
     finally:
         bar.close()
         logger.close()
-        payload = cluster.payload
+        payload = cluster.weights()
         cluster.shutdown()
     after = last.get("eval/accuracy", before)
     final = run_dir / "final"
-    assert payload is not None
-    cluster.payload = payload
-    eval_model.load_state_dict(bytes_to_state(cluster.payload))
+    eval_model.load_state_dict(bytes_to_state(payload))
     eval_model.save_pretrained(final)
     tokenizer.save_pretrained(final)
     summary = {**last, "eval/accuracy_before": before, "eval/accuracy_after": after}

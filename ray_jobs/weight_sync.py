@@ -1,7 +1,7 @@
 """Weight sync from the learner to the rollout engine, and the check that makes a silent failure loud.
 
-Payloads are safetensors bytes of the full policy weights (on CPU; on GPU the same module broadcasts over NCCL from
-learner rank 0, exercised where a GPU is lent). After each sync a fixed probe batch is sampled by the engine and
+Two transports: safetensors bytes of the full policy weights through Ray's object store, or a broadcast from
+learner rank 0 over a stateless process group (gloo on CPU; NCCL on GPUs, not yet run on one). After each sync a fixed probe batch is sampled by the engine and
 scored by the learner: if the largest per-token log-prob gap exceeds the tolerance, the engine is not sampling the
 weights being trained (a stale or partial sync, the bug behind verl #3821 and OpenRLHF #1349) and the run stops
 with an error naming both versions and the gap.
@@ -74,11 +74,10 @@ class ProbeCheck:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Collective sync protocol: the source broadcasts the version, then every tensor in a fixed order, to receivers
-# that allocated buffers from the metadata (NCCL between GPUs; gloo here, where it is tested in two processes).
-# NOT YET WIRED into the Ray runtime: learner rank 0 already belongs to DeepSpeed's process group, and a second,
-# separate group with the rollout worker needs a stateless group (as vLLM's StatelessProcessGroup + PyNccl); the
-# runtime syncs through the object store meanwhile.
+# Collective sync: the source (learner rank 0) broadcasts the version, then every tensor in a fixed order, to
+# receivers that allocated buffers from the metadata. The group is *stateless*: its own TCP store and process group
+# object, independent of the default group DeepSpeed set up, so learner rank 0 can belong to both. gloo on CPU (tested
+# here); NCCL between GPUs (the same calls on CUDA tensors; not yet exercised on a GPU).
 # ---------------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class TensorSpec:
@@ -93,33 +92,42 @@ def tensor_specs(state: dict[str, Tensor]) -> list[TensorSpec]:
 
 
 class BroadcastGroup:
-    """A two-party (or wider) process group between the learner's rank 0 (source, rank 0 here) and receivers."""
+    """A stateless process group between a source (rank 0) and receivers (ranks 1..)."""
 
-    def __init__(self, *, rank: int, world_size: int, init_method: str, backend: str = "gloo") -> None:
+    def __init__(self, *, host: str, port: int, rank: int, world_size: int, backend: str = "gloo",
+                 timeout_s: float = 300.0) -> None:
+        import datetime
+
         import torch.distributed as dist
 
-        if dist.is_initialized():
-            raise RuntimeError("BroadcastGroup needs a process without a default process group (see the note above)")
-        dist.init_process_group(backend=backend, init_method=init_method, rank=rank, world_size=world_size)
-        self.dist, self.group, self.rank = dist, None, rank
+        timeout = datetime.timedelta(seconds=timeout_s)
+        self.store = dist.TCPStore(host, port, world_size, rank == 0, timeout=timeout)
+        if backend == "nccl":
+            self.pg: Any = dist.ProcessGroupNCCL(self.store, rank, world_size)
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        else:
+            self.pg = dist.ProcessGroupGloo(self.store, rank, world_size, timeout)
+            self.device = torch.device("cpu")
+        self.dist, self.rank = dist, rank
+
+    def _broadcast(self, tensor: Tensor) -> None:
+        options = self.dist.BroadcastOptions()
+        options.rootRank = 0
+        self.pg.broadcast([tensor], options).wait()
 
     def send(self, state: dict[str, Tensor], version: int) -> None:
         """Source side: the version first (receivers check it), then every tensor in ``tensor_specs`` order."""
-        self.dist.broadcast(torch.tensor([version], dtype=torch.long), src=0, group=self.group)
+        self._broadcast(torch.tensor([version], dtype=torch.long, device=self.device))
         for tensor in state.values():
-            self.dist.broadcast(tensor.detach().contiguous(), src=0, group=self.group)
+            self._broadcast(tensor.detach().to(self.device).contiguous())
 
-    def receive(self, specs: Sequence[TensorSpec], device: str = "cpu") -> tuple[int, dict[str, Tensor]]:
+    def receive(self, specs: Sequence[TensorSpec]) -> tuple[int, dict[str, Tensor]]:
         """Receiver side: (version, state) with freshly received tensors."""
-        version = torch.zeros(1, dtype=torch.long)
-        self.dist.broadcast(version, src=0, group=self.group)
+        version = torch.zeros(1, dtype=torch.long, device=self.device)
+        self._broadcast(version)
         state = {}
         for spec in specs:
-            buffer = torch.empty(spec.shape, dtype=getattr(torch, spec.dtype), device=device)
-            self.dist.broadcast(buffer, src=0, group=self.group)
+            buffer = torch.empty(spec.shape, dtype=getattr(torch, spec.dtype), device=self.device)
+            self._broadcast(buffer)
             state[spec.name] = buffer
         return int(version.item()), state
-
-    def close(self) -> None:
-        if self.dist.is_initialized():
-            self.dist.destroy_process_group()

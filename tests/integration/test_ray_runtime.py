@@ -190,3 +190,12 @@ def test_credit_modules_run_on_ray_with_auxiliary_models_in_their_own_actors(tmp
     kept = sorted(p.name for p in (result.run_dir / "checkpoints").glob("step-*"))
     assert kept == ["step-00000002", "step-00000003"]  # checkpoint.keep applies on Ray too
     assert sorted(p.name for p in (result.run_dir / "checkpoints" / "deepspeed").glob("step-*")) == kept
+
+
+def test_weights_sync_by_broadcast_in_a_stateless_group(tmp_path: Path) -> None:
+    config = recipe(tmp_path, name="ray_broadcast", runtime={"backend": "ray", "learners": 2, "reward_workers": 1,
+                                                             "weight_sync": "broadcast"})
+    result = api.train(config, progress=False, log=lambda _: None)
+    rows = read_metrics(result.run_dir)
+    assert [r.get("weight_version") for r in rows[1:]] == [1.0, 2.0, 3.0]
+    assert all(r["weight_sync/probe_max_gap"] < 1e-3 for r in rows[1:])  # the probe confirms every sync
