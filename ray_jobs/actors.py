@@ -118,10 +118,10 @@ class LearnerRank:
         from ray_jobs.weight_sync import BroadcastGroup, tensor_specs
 
         self.group = BroadcastGroup(host=host, port=port, rank=0, world_size=2, backend=backend)
-        return tensor_specs(self.learner.engine.module.state_dict())
+        return tensor_specs(self.learner.full_state())
 
     def send(self, version: int) -> None:
-        self.group.send(self.learner.engine.module.state_dict(), version)
+        self.group.send(self.learner.full_state(), version)
 
     def save(self, directory: str, tag: str) -> None:
         self.learner.engine.save_checkpoint(directory, tag=tag)

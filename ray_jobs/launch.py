@@ -184,14 +184,20 @@ class Cluster:
             self.payload = None
             ray.get([self.learners[0].send.remote(version), self.rollout.receive.remote(self.specs, version)])
             return
-        self.payload = ray.get(self.learners[0].state_bytes.remote())
+        self.payload = self.from_rank0("state_bytes")
         self._with_rollout(lambda w: w.sync.remote(self.payload, version))
 
     def weights(self) -> bytes:
         """The policy's current weights as bytes (for evaluation and the final model)."""
         if self.payload is None:
-            self.payload = ray.get(self.learners[0].state_bytes.remote())
+            self.payload = self.from_rank0("state_bytes")
         return self.payload
+
+    def from_rank0(self, method: str, *args: Any) -> Any:
+        """Rank 0's answer. Under ZeRO-3 parameters are partitioned and gathering them is collective, so every
+        rank takes part and rank 0's result is used."""
+        ranks = self.learners if self.recipe.runtime.zero_stage == 3 else self.learners[:1]
+        return ray.get([getattr(rank, method).remote(*args) for rank in ranks])[0]
 
     def _with_rollout(self, call: Callable[[Any], Any], retries: int = 2) -> Any:
         for attempt in range(retries + 1):
@@ -269,6 +275,9 @@ def run_on_ray(recipe: Recipe, spec: AlgorithmSpec, *, resume: str | Path | bool
     if recipe.lora.enabled:
         raise RecipeError("recipe key 'lora.enabled': the Ray runtime syncs full weights; use backend: local for "
                           "LoRA")
+    if recipe.runtime.weight_sync == "broadcast" and recipe.runtime.zero_stage == 3:
+        raise RecipeError("recipe key 'runtime.weight_sync': broadcast sends rank 0's parameters, which ZeRO-3 "
+                          "partitions; use object_store with zero_stage 3, or zero_stage 2")
     if recipe.credit is not None and recipe.credit.name == "entropy_weighted":
         raise RecipeError("recipe key 'credit.name': entropy_weighted needs the policy's entropy, which the Ray "
                           "driver does not receive yet; use backend: local")
@@ -369,7 +378,7 @@ def _verify_sync(cluster: Cluster, probe: ProbeCheck) -> Any:
     """The rollout worker samples the probe prompts; learner rank 0 scores the same tokens; a gap is an error."""
     seed = int(torch.randint(0, 2**31 - 1, (1,)))
     rollout: Rollout = cluster._with_rollout(lambda w: w.generate.remote(probe.prompts, {}, 1, probe.params, seed))
-    learner = ray.get(cluster.learners[0].logprobs.remote(_batch(rollout, torch.zeros_like(rollout.mask))))
+    learner = cluster.from_rank0("logprobs", _batch(rollout, torch.zeros_like(rollout.mask)))
     return probe.check(rollout, learner, cluster.version)
 
 

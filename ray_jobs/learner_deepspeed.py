@@ -126,13 +126,25 @@ class DeepSpeedLearner:
                                       shard["completion_ids"], shard["mask"], temperature=self.config.temperature)
         return logp
 
+    def full_state(self) -> dict[str, Tensor]:
+        """The full weights on CPU. ZeRO-2 keeps whole parameters on every rank; ZeRO-3 partitions them, so they
+        are gathered first (every rank must call this together under ZeRO-3)."""
+        from contextlib import nullcontext
+
+        import deepspeed
+
+        gather = (deepspeed.zero.GatheredParameters(list(self.engine.module.parameters()), modifier_rank=None)
+                  if self.config.zero_stage == 3 else nullcontext())
+        with gather:
+            return {k: v.detach().to("cpu").contiguous().clone() for k, v in self.engine.module.state_dict().items()}
+
     def state_bytes(self) -> bytes:
-        """The full weights as safetensors bytes (ZeRO-2 keeps full parameters on every rank)."""
-        state = {k: v.detach().to("cpu").contiguous().clone() for k, v in self.engine.module.state_dict().items()}
-        return save_safetensors(state)
+        """The full weights as safetensors bytes."""
+        return save_safetensors(self.full_state())
 
     def parameters_snapshot(self) -> dict[str, Tensor]:
-        return {k: v.detach().to("cpu").clone() for k, v in self.engine.module.named_parameters()}
+        state = self.full_state()
+        return {k: state[k] for k, _ in self.engine.module.named_parameters()}
 
 
 def shard_rows(group_ids: Tensor, world_size: int) -> list[Tensor]:

@@ -1,10 +1,10 @@
 """Weight sync from the learner to the rollout engine, and the check that makes a silent failure loud.
 
 Two transports: safetensors bytes of the full policy weights through Ray's object store, or a broadcast from
-learner rank 0 over a stateless process group (gloo on CPU; NCCL on GPUs, not yet run on one). After each sync a fixed probe batch is sampled by the engine and
-scored by the learner: if the largest per-token log-prob gap exceeds the tolerance, the engine is not sampling the
-weights being trained (a stale or partial sync, the bug behind verl #3821 and OpenRLHF #1349) and the run stops
-with an error naming both versions and the gap.
+learner rank 0 over a stateless process group (gloo on CPU; NCCL on GPUs, not yet run on one). After each sync a
+fixed probe batch is sampled by the engine and scored by the learner: if the largest per-token log-prob gap exceeds
+the tolerance, the engine is not sampling the weights being trained (a stale or partial sync, the bug behind
+verl #3821 and OpenRLHF #1349) and the run stops with an error naming both versions and the gap.
 """
 
 from __future__ import annotations

@@ -40,21 +40,22 @@ def _batch(model_dir: Path) -> dict[str, torch.Tensor]:
             "advantages": advantages, "group_ids": rollout.group_ids}
 
 
-def _rank(rank: int, port: int, model_dir: str, batch: dict, out: dict, optimizer: str) -> None:
+def _rank(rank: int, port: int, model_dir: str, batch: dict, out: dict, optimizer: str, stage: int) -> None:
     from transformers import AutoModelForCausalLM
 
     from ray_jobs.learner_deepspeed import DeepSpeedLearner, LearnerConfig, shard_rows, take
 
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    config = LearnerConfig(lr=1.0 if optimizer == "sgd" else 1e-3, max_grad_norm=1.0, optimizer=optimizer)
+    config = LearnerConfig(lr=1.0 if optimizer == "sgd" else 1e-3, max_grad_norm=1.0, optimizer=optimizer,
+                           zero_stage=stage)
     learner = DeepSpeedLearner(model, SPEC, config, rank=rank, world_size=2, master_port=port)
     rows = shard_rows(batch["group_ids"], 2)[rank]
     stats = learner.step(take(batch, rows))
     out[rank] = (stats["loss"], learner.parameters_snapshot())
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
-def test_two_zero2_ranks_match_the_local_step(tmp_path: Path, optimizer: str) -> None:
+@pytest.mark.parametrize(("optimizer", "stage"), [("sgd", 2), ("adamw", 2), ("adamw", 3)])
+def test_two_zero_ranks_match_the_local_step(tmp_path: Path, optimizer: str, stage: int) -> None:
     """SGD with lr 1: the parameter change is minus the (clipped) gradient, so this compares gradients at 1e-5;
     AdamW: the whole optimiser step."""
     tokenizer = build_char_tokenizer()
@@ -82,7 +83,7 @@ def test_two_zero2_ranks_match_the_local_step(tmp_path: Path, optimizer: str) ->
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = mp.Manager().dict()
-    mp.spawn(_rank, args=(port, str(tmp_path), batch, out, optimizer), nprocs=2, join=True)
+    mp.spawn(_rank, args=(port, str(tmp_path), batch, out, optimizer, stage), nprocs=2, join=True)
     assert abs(out[0][0] + out[1][0] - float(loss)) < 1e-5  # the rank shares add up to the whole loss
     moved = 0.0
     for name, expected in local.named_parameters():

@@ -199,3 +199,12 @@ def test_weights_sync_by_broadcast_in_a_stateless_group(tmp_path: Path) -> None:
     rows = read_metrics(result.run_dir)
     assert [r.get("weight_version") for r in rows[1:]] == [1.0, 2.0, 3.0]
     assert all(r["weight_sync/probe_max_gap"] < 1e-3 for r in rows[1:])  # the probe confirms every sync
+
+
+def test_zero3_learners_gather_for_sync_and_probe(tmp_path: Path) -> None:
+    config = recipe(tmp_path, name="ray_zero3", runtime={"backend": "ray", "learners": 2, "reward_workers": 1,
+                                                         "zero_stage": 3}, learner={"lr": 1e-3, "steps": 2})
+    result = api.train(config, progress=False, log=lambda _: None)
+    rows = read_metrics(result.run_dir)
+    assert [r.get("weight_version") for r in rows[1:]] == [1.0, 2.0]
+    assert all(r["weight_sync/probe_max_gap"] < 1e-3 for r in rows[1:])
