@@ -26,15 +26,29 @@ def _threads(count: int) -> None:
     torch.set_num_threads(count)
 
 
+def _with_adapter(model: Any, lora: Mapping[str, Any] | None, seed: int = 0) -> Any:
+    """The model with a LoRA adapter (same seed everywhere: every copy starts from the same adapter)."""
+    if lora is None:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    return get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **dict(lora)))
+
+
 @ray.remote
 class RolloutWorker:
-    def __init__(self, model_dir: str, engine: str, options: Mapping[str, Any], threads: int = 1) -> None:
+    def __init__(self, model_dir: str, engine: str, options: Mapping[str, Any], threads: int = 1,
+                 lora: Mapping[str, Any] | None = None) -> None:
         _threads(threads)
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         tokenizer.padding_side = "left"
         self.model: Any = None
+        # under LoRA only the adapter travels; a CPU copy of base + adapter merges it for engines without adapters
+        self.adapted: Any = None if lora is None else _with_adapter(
+            AutoModelForCausalLM.from_pretrained(model_dir), lora).eval()
         if engine == "vllm":
             from ray_jobs.rollout_vllm import VLLMRolloutEngine
 
@@ -42,7 +56,7 @@ class RolloutWorker:
         else:
             from align.trainers.rollout_hf import HFRolloutEngine
 
-            self.model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+            self.model = self.adapted or AutoModelForCausalLM.from_pretrained(model_dir).eval()
             self.engine = HFRolloutEngine(self.model, tokenizer)
 
     def generate(self, prompts: Sequence[str], columns: Mapping[str, Sequence[Any]], samples_per_prompt: int,
@@ -66,6 +80,17 @@ class RolloutWorker:
             raise RuntimeError(f"weight sync: expected version {version}, the learner sent {received}")
         return self._load({k: v.to("cpu") for k, v in state.items()}, version)
 
+    def sync_adapter(self, payload: bytes, version: int) -> int:
+        """Load LoRA adapter weights only (the base weights never move)."""
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(self.adapted, bytes_to_state(payload))
+        if self.model is None:  # vLLM: merged weights of base + adapter, computed here
+            self.engine.sync_weights(self.adapted, version)
+        else:
+            self.engine.sync_weights(self.model, version)
+        return version
+
     def _load(self, state: dict[str, Tensor], version: int) -> int:
         if self.model is None:
             self.engine.load_state(state, version)
@@ -81,13 +106,14 @@ class RolloutWorker:
 @ray.remote
 class LearnerRank:
     def __init__(self, model_dir: str, spec: AlgorithmSpec, config: LearnerConfig, rank: int, world_size: int,
-                 master_port: int, threads: int = 1) -> None:
+                 master_port: int, threads: int = 1, lora: Mapping[str, Any] | None = None) -> None:
         _threads(threads)
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        model = _with_adapter(AutoModelForCausalLM.from_pretrained(model_dir), lora, config.seed)
+        self.lora = lora is not None
         self.reference = None
-        if spec.kl is not None:
+        if spec.kl is not None and not self.lora:  # under LoRA the reference is the base: adapters disabled
             self.reference = copy.deepcopy(model).eval()
             for p in self.reference.parameters():
                 p.requires_grad_(False)
@@ -96,12 +122,25 @@ class LearnerRank:
         self.temperature = config.temperature
 
     def ref_logprobs(self, shard: dict[str, Tensor]) -> Tensor | None:
+        if self.lora and self.learner.spec.kl is not None:
+            module = self.learner.engine.module
+            with torch.no_grad(), module.disable_adapter():
+                logp, _, _ = response_forward(module, shard["prompt_ids"], shard["prompt_mask"],
+                                              shard["completion_ids"], shard["mask"], temperature=self.temperature)
+            return logp
         if self.reference is None:
             return None
         with torch.no_grad():
             logp, _, _ = response_forward(self.reference, shard["prompt_ids"], shard["prompt_mask"],
                                           shard["completion_ids"], shard["mask"], temperature=self.temperature)
         return logp
+
+    def adapter_bytes(self) -> bytes:
+        from peft import get_peft_model_state_dict
+        from safetensors.torch import save
+
+        state = get_peft_model_state_dict(self.learner.engine.module)
+        return save({k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()})
 
     def step(self, shard: dict[str, Tensor], ref_logp: Tensor | None, off_policy: str | None = None,
              is_cap: float = 2.0) -> dict[str, float]:

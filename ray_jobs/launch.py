@@ -32,6 +32,7 @@ from align.api import (
     _accuracy_entry,
     _greedy,
     _task_verifier,
+    apply_lora,
     find_resumable_run,
     load_data,
     load_model,
@@ -42,7 +43,7 @@ from align.config import Recipe, RecipeError
 from align.errors import AlignError
 from align.losses import kl_reward_penalty
 from align.ops import last_token_mask, masked_mean
-from align.runs import with_rendered_prompts
+from align.runs import save_final, with_rendered_prompts
 from align.trainers.checkpoint import latest_checkpoint
 from align.trainers.metrics import MetricsLogger
 from align.trainers.progress import Progress
@@ -90,8 +91,12 @@ class Cluster:
                                backend="nccl" if rt.device.startswith("cuda") else "gloo", seed=recipe.seed)
         gpu = 1 if rt.device.startswith("cuda") else 0
         self.placement = self._place(gpu)
+        self.lora = None if not recipe.lora.enabled else {
+            "r": recipe.lora.r, "lora_alpha": recipe.lora.alpha, "lora_dropout": recipe.lora.dropout,
+            "target_modules": list(recipe.lora.target_modules)}
         self.learners = [LearnerRank.options(num_cpus=0.5, num_gpus=gpu, scheduling_strategy=self._bundle(1 + rank))
-                         .remote(self.model_dir, spec, config, rank, rt.learners, port) for rank in range(rt.learners)]
+                         .remote(self.model_dir, spec, config, rank, rt.learners, port, 1, self.lora)
+                         for rank in range(rt.learners)]
         self.rollout = self._new_rollout()
         self.rewards = [self._new_reward(i) for i in range(rt.reward_workers)]
         self.payload: bytes | None = None
@@ -161,7 +166,7 @@ class Cluster:
         gpu = 1 if self.recipe.runtime.device.startswith("cuda") else 0
         name = f"align-rollout-{self.tag}-{self.restarts}"
         return RolloutWorker.options(num_cpus=0.5, num_gpus=gpu, name=name, scheduling_strategy=self._bundle(0)) \
-            .remote(self.model_dir, engine, options)
+            .remote(self.model_dir, engine, options, 1, self.lora)
 
     def _new_reward(self, slot: int) -> Any:
         terms = [{"name": e.name, "weight": e.weight, "options": e.options, "on_failure": e.on_failure,
@@ -184,13 +189,14 @@ class Cluster:
             self.payload = None
             ray.get([self.learners[0].send.remote(version), self.rollout.receive.remote(self.specs, version)])
             return
-        self.payload = self.from_rank0("state_bytes")
-        self._with_rollout(lambda w: w.sync.remote(self.payload, version))
+        self.payload = self.from_rank0("adapter_bytes" if self.lora else "state_bytes")
+        method = "sync_adapter" if self.lora else "sync"
+        self._with_rollout(lambda w: getattr(w, method).remote(self.payload, version))
 
     def weights(self) -> bytes:
         """The policy's current weights as bytes (for evaluation and the final model)."""
         if self.payload is None:
-            self.payload = self.from_rank0("state_bytes")
+            self.payload = self.from_rank0("adapter_bytes" if self.lora else "state_bytes")
         return self.payload
 
     def from_rank0(self, method: str, *args: Any) -> Any:
@@ -210,7 +216,8 @@ class Cluster:
                 self.rollout = self._new_rollout()  # a fresh worker starts from the base weights: resync it
                 if self.specs is not None:
                     self._open_sync()
-                ray.get(self.rollout.sync.remote(self.weights(), self.version))
+                resync = self.rollout.sync_adapter if self.lora else self.rollout.sync
+                ray.get(resync.remote(self.weights(), self.version))
         raise AssertionError("unreachable")
 
     def generate(self, prompts: list[str], columns: dict[str, list[Any]], params: SamplingParams,
@@ -272,9 +279,9 @@ def run_on_ray(recipe: Recipe, spec: AlgorithmSpec, *, resume: str | Path | bool
     if spec.kind != "policy":
         raise RecipeError("recipe key 'runtime.backend': the Ray runtime trains policy algorithms; run preference "
                           "presets with backend: local")
-    if recipe.lora.enabled:
-        raise RecipeError("recipe key 'lora.enabled': the Ray runtime syncs full weights; use backend: local for "
-                          "LoRA")
+    if recipe.lora.enabled and (recipe.runtime.weight_sync == "broadcast" or recipe.runtime.zero_stage == 3):
+        raise RecipeError("recipe key 'lora.enabled': on Ray, LoRA syncs its adapter through the object store with "
+                          "ZeRO stage 0-2; set runtime.weight_sync: object_store and zero_stage <= 2")
     if recipe.runtime.weight_sync == "broadcast" and recipe.runtime.zero_stage == 3:
         raise RecipeError("recipe key 'runtime.weight_sync': broadcast sends rank 0's parameters, which ZeRO-3 "
                           "partitions; use object_store with zero_stage 3, or zero_stage 2")
@@ -284,6 +291,7 @@ def run_on_ray(recipe: Recipe, spec: AlgorithmSpec, *, resume: str | Path | bool
     connect(recipe)
     base = prepare_base_model(recipe, log)
     eval_model, tokenizer = load_model(base, recipe)
+    eval_model = apply_lora(eval_model, recipe)
     train, test = (with_rendered_prompts(d, tokenizer, recipe) for d in load_data(recipe))
     columns = {c: train[c] for c in train.column_names if c != "prompt"}
     prompts = train["prompt"]
@@ -297,7 +305,7 @@ def run_on_ray(recipe: Recipe, spec: AlgorithmSpec, *, resume: str | Path | bool
     accuracy_entry = _accuracy_entry(recipe)
 
     def evaluate() -> float:
-        eval_model.load_state_dict(bytes_to_state(cluster.weights()))
+        load_policy(eval_model, cluster.weights(), recipe)
         return _greedy(eval_model, tokenizer, test, score, recipe.rollout.max_new_tokens)
 
     random.seed(recipe.seed + 1)
@@ -364,14 +372,23 @@ def run_on_ray(recipe: Recipe, spec: AlgorithmSpec, *, resume: str | Path | bool
         payload = cluster.weights()
         cluster.shutdown()
     after = last.get("eval/accuracy", before)
-    final = run_dir / "final"
-    eval_model.load_state_dict(bytes_to_state(payload))
-    eval_model.save_pretrained(final)
-    tokenizer.save_pretrained(final)
+    load_policy(eval_model, payload, recipe)
+    save_final(eval_model, tokenizer, run_dir, recipe)
     summary = {**last, "eval/accuracy_before": before, "eval/accuracy_after": after}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
     log(f"held-out accuracy: {100 * before:.1f}% -> {100 * after:.1f}%")
     return TrainResult(run_dir=run_dir, metrics=summary)
+
+
+def load_policy(model: Any, payload: bytes, recipe: Recipe) -> None:
+    """The driver's copy of the policy: full weights, or the LoRA adapter on the base."""
+    state = bytes_to_state(payload)
+    if recipe.lora.enabled:
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, state)
+    else:
+        model.load_state_dict(state)
 
 
 def _verify_sync(cluster: Cluster, probe: ProbeCheck) -> Any:

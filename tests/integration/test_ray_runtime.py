@@ -208,3 +208,15 @@ def test_zero3_learners_gather_for_sync_and_probe(tmp_path: Path) -> None:
     rows = read_metrics(result.run_dir)
     assert [r.get("weight_version") for r in rows[1:]] == [1.0, 2.0]
     assert all(r["weight_sync/probe_max_gap"] < 1e-3 for r in rows[1:])
+
+
+def test_lora_on_ray_syncs_only_the_adapter(tmp_path: Path) -> None:
+    config = recipe(tmp_path, name="ray_lora", lora={"enabled": True, "r": 4, "alpha": 8,
+                                                     "target_modules": ["q_proj", "v_proj"]},
+                    runtime={"backend": "ray", "learners": 2, "reward_workers": 1})
+    result = api.train(config, progress=False, log=lambda _: None)
+    rows = read_metrics(result.run_dir)
+    assert [r.get("weight_version") for r in rows[1:]] == [1.0, 2.0, 3.0]
+    assert all(r["weight_sync/probe_max_gap"] < 1e-3 for r in rows[1:])  # the engine samples base + adapter
+    assert rows[-1]["kl"] > 0  # grpo's KL is measured against the base with adapters disabled
+    assert (result.run_dir / "final" / "adapter_config.json").is_file()
