@@ -60,3 +60,15 @@ def random_batch(seed: int, groups: int = 3, group_size: int = 4, width: int = 7
         "group_ids": torch.arange(groups).repeat_interleave(group_size),
         "entropy": torch.rand(b, width, generator=gen, dtype=torch.float64),
     }
+
+
+def loop_returns(token_rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Reference reward-to-go in plain Python: discounting counts trainable tokens only."""
+    out = torch.zeros_like(token_rewards)
+    for i in range(mask.shape[0]):
+        running = 0.0
+        for t in reversed(range(mask.shape[1])):
+            if mask[i, t]:
+                running = float(token_rewards[i, t]) + gamma * running
+                out[i, t] = running
+    return out

@@ -12,7 +12,7 @@ from align import functional as F
 from align.advantages import ADVANTAGES, nonuniform_groups
 from align.errors import InputError
 
-from ..conftest import mask_from_lengths, random_batch
+from ..conftest import loop_returns, mask_from_lengths, random_batch
 
 
 def rows_by_group(group_ids: torch.Tensor) -> dict[int, list[int]]:
@@ -46,17 +46,6 @@ def loop_whiten(values: torch.Tensor, mask: torch.Tensor, ddof: int, eps: float)
     mean = sum(picked) / len(picked)
     var = sum((v - mean) ** 2 for v in picked) / (len(picked) - ddof)
     return torch.where(mask != 0, (values - mean) / math.sqrt(var + eps), torch.zeros_like(values))
-
-
-def loop_returns(token_rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
-    out = torch.zeros_like(token_rewards)
-    for i in range(mask.shape[0]):
-        running = 0.0
-        for t in reversed(range(mask.shape[1])):
-            if mask[i, t]:
-                running = float(token_rewards[i, t]) + gamma * running
-                out[i, t] = running
-    return out
 
 
 def terminal(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,8 @@ from align.ops import (
     selective_log_softmax,
 )
 
+from ..conftest import loop_returns
+
 
 def logits_and_ids(seed: int = 0, shape: tuple[int, ...] = (3, 4), vocab: int = 11, dtype=torch.float64):
     gen = torch.Generator().manual_seed(seed)
@@ -135,17 +137,6 @@ def test_masked_whiten_population_and_bessel() -> None:
                                rtol=0, atol=1e-6)
     bessel = masked_whiten(x, mask, ddof=1, eps=0.0)
     torch.testing.assert_close(bessel, torch.tensor([[-1.0, 0.0, 1.0, 0.0]], dtype=torch.float64), rtol=0, atol=1e-6)
-
-
-def loop_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
-    out = torch.zeros_like(rewards)
-    for i in range(rewards.shape[0]):
-        running = 0.0
-        for t in reversed(range(rewards.shape[1])):
-            if mask[i, t]:
-                running = float(rewards[i, t]) + gamma * running
-                out[i, t] = running
-    return out
 
 
 @pytest.mark.parametrize("gamma", [1.0, 0.9])
