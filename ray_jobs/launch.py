@@ -25,7 +25,7 @@ import ray
 import torch
 from ray.exceptions import RayActorError
 
-from align.advantages import ADVANTAGES, nonuniform_groups
+from align.advantages import nonuniform_groups
 from align.algorithms import AlgorithmSpec
 from align.api import (
     TrainResult,
@@ -41,11 +41,10 @@ from align.api import (
 )
 from align.config import Recipe, RecipeError
 from align.errors import AlignError
-from align.losses import kl_reward_penalty
-from align.ops import last_token_mask, masked_mean
 from align.runs import save_final, with_rendered_prompts
 from align.trainers.checkpoint import latest_checkpoint
 from align.trainers.metrics import MetricsLogger
+from align.trainers.policy import estimate_advantages
 from align.trainers.progress import Progress
 from align.trainers.protocols import Rollout, SamplingParams
 from align.trainers.sampler import PromptSampler
@@ -426,24 +425,10 @@ def _step(step: int, cluster: Cluster, spec: AlgorithmSpec, recipe: Recipe, roll
         ref_logp = torch.zeros_like(batch.mask)
         for rows, part in zip(shards, ref_parts, strict=True):
             ref_logp[rows] = part
-    estimator_input: torch.Tensor = rewards
-    penalty = None
-    if spec.kl is not None and spec.kl_placement == "reward":
-        assert ref_logp is not None
-        penalty = kl_reward_penalty(batch.logp, ref_logp, batch.mask, coef=spec.kl_coef, estimator=spec.kl)
-        estimator_input = torch.where(last_token_mask(batch.mask), rewards.unsqueeze(-1), 0.0) + penalty
-    weights = None
-    if cluster.credit is not None:  # as the local trainer: token rewards feed the estimator, weights scale after
-        credit = cluster.credit(batch, rewards, logp=batch.logp, entropy=None, token_rewards=None)
+    advantages, extra, _ = estimate_advantages(spec, batch, rewards, ref_logp=ref_logp, credit_fn=cluster.credit)
+    metrics.update(extra)
+    if cluster.credit is not None:
         metrics["credit/aux_model_actors"] = float(len(cluster.aux_actors))
-        if credit.output == "rewards":
-            estimator_input = credit.values.to(torch.float32) + (0.0 if penalty is None else penalty)
-        else:
-            weights = credit.values.to(torch.float32)
-    advantages = ADVANTAGES.get(spec.advantage or "grpo")(estimator_input, batch.mask, batch.group_ids,
-                                                          **spec.advantage_kwargs).to(torch.float32)
-    if weights is not None:
-        advantages = advantages * weights
     full = _batch(batch, advantages)
     in_loss = spec.kl is not None and spec.kl_placement == "loss"
     update_start = time.perf_counter()
@@ -459,8 +444,7 @@ def _step(step: int, cluster: Cluster, spec: AlgorithmSpec, recipe: Recipe, roll
             metrics[key] = sum(s.get(key, 0.0) * t for s, t in zip(stats, tokens, strict=True)) / max(sum(tokens), 1.0)
     cluster.sync(cluster.version + 1)
     total = time.perf_counter() - start
-    metrics.update({"weight_version": float(cluster.version), "advantage/abs_mean": float(
-        masked_mean(advantages.abs(), batch.mask)), "response_length/mean": float(batch.mask.sum(-1).mean()),
+    metrics.update({"weight_version": float(cluster.version), "response_length/mean": float(batch.mask.sum(-1).mean()),
         "time/step": total, "time/rollout": rollout_time, "time/update": time.perf_counter() - update_start,
         "throughput/tokens_per_s": float(batch.mask.sum()) / total, "filter/kept_frac": float(keep.float().mean())})
     return metrics

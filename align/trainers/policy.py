@@ -116,40 +116,15 @@ class PolicyTrainer:
 
     def _advantages(self, batch: Rollout,
                     rewards: Tensor) -> tuple[Tensor, Tensor | None, dict[str, float], dict[str, Tensor]]:
-        spec, metrics, credit_out = self.spec, {}, {}
         ref_logp = None
-        if spec.kl is not None:
+        if self.spec.kl is not None:
             assert self.reference is not None
             with torch.no_grad():
                 ref_logp = self.reference(batch)
-        estimator_input: Tensor = rewards.to(torch.float64 if rewards.dtype == torch.float64 else torch.float32)
-        token_rewards = None
-        if spec.kl is not None and spec.kl_placement == "reward":
-            assert ref_logp is not None
-            token_rewards = kl_reward_penalty(batch.logp, ref_logp, batch.mask, coef=spec.kl_coef, estimator=spec.kl)
-            metrics["kl_reward_penalty"] = float(token_rewards.sum(-1).mean())
-            terminal = torch.where(last_token_mask(batch.mask), estimator_input.unsqueeze(-1), 0.0)
-            estimator_input = terminal + token_rewards
-        weights = None
-        if self.credit_fn is not None:
-            entropy = self._entropy(batch) if self.credit_needs_entropy else None
-            # the module spreads the sequence reward; a KL-in-reward penalty is added afterwards, so that no module
-            # can drop or re-weight it
-            credit = self.credit_fn(batch, rewards, logp=batch.logp, entropy=entropy, token_rewards=None)
-            credit_out[spec.credit or "credit"] = credit.values
-            if credit.output == "rewards":
-                estimator_input = credit.values.to(torch.float32)
-                if token_rewards is not None:
-                    estimator_input = estimator_input + token_rewards
-            else:
-                weights = credit.values.to(torch.float32)
-        advantages = ADVANTAGES.get(spec.advantage or "grpo")(estimator_input, batch.mask, batch.group_ids,
-                                                              **spec.advantage_kwargs)
-        if weights is not None:
-            advantages = advantages * weights
-        metrics["advantage/mean"] = float(masked_mean(advantages, batch.mask))
-        metrics["advantage/abs_mean"] = float(masked_mean(advantages.abs(), batch.mask))
-        return advantages.to(torch.float32), ref_logp, metrics, credit_out
+        entropy = self._entropy(batch) if self.credit_fn is not None and self.credit_needs_entropy else None
+        advantages, metrics, credit = estimate_advantages(self.spec, batch, rewards, ref_logp=ref_logp,
+                                                          credit_fn=self.credit_fn, entropy=entropy)
+        return advantages, ref_logp, metrics, credit
 
     @torch.no_grad()
     def _entropy(self, batch: Rollout) -> Tensor:
@@ -234,3 +209,47 @@ class PolicyTrainer:
         total = time.perf_counter() - start
         return {"time/step": total, "time/rollout": rollout_time, "time/update": update_time,
                 "throughput/tokens_per_s": tokens / total if total > 0 else 0.0}
+
+
+def estimate_advantages(
+    spec: AlgorithmSpec,
+    batch: Rollout,
+    rewards: Tensor,
+    *,
+    ref_logp: Tensor | None,
+    credit_fn: CreditFunction | None,
+    entropy: Tensor | None = None,
+) -> tuple[Tensor, dict[str, float], dict[str, Tensor]]:
+    """Advantages (B, T) of a batch: KL-in-reward penalty, credit module, estimator, credit weights.
+
+    rewards: (B,) sequence rewards; ref_logp: (B, T), needed when the KL term sits in the reward. The credit
+    module spreads the sequence reward; the KL penalty is added afterwards, so that no module can drop or
+    re-weight it. Shared by the local loop and the Ray driver. Returns (advantages, metrics, credit by name).
+    """
+    metrics: dict[str, float] = {}
+    credit_out: dict[str, Tensor] = {}
+    estimator_input: Tensor = rewards.to(torch.float64 if rewards.dtype == torch.float64 else torch.float32)
+    token_rewards = None
+    if spec.kl is not None and spec.kl_placement == "reward":
+        assert ref_logp is not None
+        token_rewards = kl_reward_penalty(batch.logp, ref_logp, batch.mask, coef=spec.kl_coef, estimator=spec.kl)
+        metrics["kl_reward_penalty"] = float(token_rewards.sum(-1).mean())
+        terminal = torch.where(last_token_mask(batch.mask), estimator_input.unsqueeze(-1), 0.0)
+        estimator_input = terminal + token_rewards
+    weights = None
+    if credit_fn is not None:
+        credit = credit_fn(batch, rewards, logp=batch.logp, entropy=entropy, token_rewards=None)
+        credit_out[spec.credit or "credit"] = credit.values
+        if credit.output == "rewards":
+            estimator_input = credit.values.to(torch.float32)
+            if token_rewards is not None:
+                estimator_input = estimator_input + token_rewards
+        else:
+            weights = credit.values.to(torch.float32)
+    advantages = ADVANTAGES.get(spec.advantage or "grpo")(estimator_input, batch.mask, batch.group_ids,
+                                                          **spec.advantage_kwargs)
+    if weights is not None:
+        advantages = advantages * weights
+    metrics["advantage/mean"] = float(masked_mean(advantages, batch.mask))
+    metrics["advantage/abs_mean"] = float(masked_mean(advantages.abs(), batch.mask))
+    return advantages.to(torch.float32), metrics, credit_out
