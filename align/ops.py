@@ -19,8 +19,10 @@ from torch import Tensor
 
 from align.errors import InputError
 
-# Rows per chunk are chosen so that one fp32 chunk holds about this many elements (64 MiB).
-_CHUNK_ELEMENTS = 1 << 24
+# Rows per chunk are chosen so that one fp32 chunk holds about this many elements (16 MiB): below glibc's largest
+# mmap threshold (32 MiB), so chunk buffers are recycled from the heap instead of being mapped and page-faulted
+# afresh every iteration (measured: 64 MiB chunks took 1.3-1.5x as long, bench/memory_logprobs.py).
+_CHUNK_ELEMENTS = 1 << 22
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -190,6 +192,12 @@ def _rows_per_chunk(vocab: int, chunk_rows: int | None) -> int:
     return max(1, _CHUNK_ELEMENTS // max(vocab, 1))
 
 
+def _scaled(chunk: Tensor, dtype: torch.dtype, temperature: float) -> Tensor:
+    """A chunk of logits in the compute dtype, divided by the temperature (no copy when neither changes it)."""
+    z = chunk.to(dtype)
+    return z if temperature == 1.0 else z / temperature
+
+
 class _SelectiveLogSoftmax(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, logits: Tensor, ids: Tensor, temperature: float, chunk: int) -> Tensor:
@@ -197,7 +205,7 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
         out = torch.empty(n, dtype=dtype, device=logits.device)
         lse = torch.empty_like(out)
         for s in range(0, n, chunk):
-            z = logits[s : s + chunk].to(dtype) / temperature  # (chunk, V) fp32, freed each iteration
+            z = _scaled(logits[s : s + chunk], dtype, temperature)  # (chunk, V), freed each iteration
             lse[s : s + chunk] = torch.logsumexp(z, dim=-1)
             out[s : s + chunk] = z.gather(-1, ids[s : s + chunk, None]).squeeze(-1) - lse[s : s + chunk]
         ctx.save_for_backward(logits, ids, lse)
@@ -208,12 +216,19 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, None, None, None]:
         logits, ids, lse = ctx.saved_tensors
         grad = torch.empty_like(logits)
+        in_place = grad.dtype == ctx.dtype  # fp32 logits: each chunk is computed straight into the gradient
         for s in range(0, logits.shape[0], ctx.chunk):
-            z = logits[s : s + ctx.chunk].to(ctx.dtype) / ctx.temperature
+            z = _scaled(logits[s : s + ctx.chunk], ctx.dtype, ctx.temperature)
             g = grad_out[s : s + ctx.chunk, None].to(ctx.dtype)  # (chunk, 1)
-            chunk_grad = -(z - lse[s : s + ctx.chunk, None]).exp() * g  # d logp / d z = onehot - softmax
-            chunk_grad.scatter_add_(-1, ids[s : s + ctx.chunk, None], g)
-            grad[s : s + ctx.chunk] = chunk_grad / ctx.temperature
+            target = grad[s : s + ctx.chunk] if in_place else torch.empty_like(z)
+            # d logp / d z = onehot - softmax, times the incoming gradient, over the temperature
+            torch.sub(z, lse[s : s + ctx.chunk, None], out=target)
+            target.exp_().mul_(-g)
+            target.scatter_add_(-1, ids[s : s + ctx.chunk, None], g)
+            if ctx.temperature != 1.0:
+                target.div_(ctx.temperature)
+            if not in_place:
+                grad[s : s + ctx.chunk] = target
         return grad, None, None, None
 
 
@@ -246,10 +261,10 @@ class _Entropy(torch.autograd.Function):
         ent = torch.empty(n, dtype=dtype, device=logits.device)
         lse = torch.empty_like(ent)
         for s in range(0, n, chunk):
-            z = logits[s : s + chunk].to(dtype) / temperature
+            z = _scaled(logits[s : s + chunk], dtype, temperature)
             lse[s : s + chunk] = torch.logsumexp(z, dim=-1)
-            p = (z - lse[s : s + chunk, None]).exp()
-            ent[s : s + chunk] = lse[s : s + chunk] - (p * z).sum(-1)  # H = lse - E_p[z]
+            p = (z - lse[s : s + chunk, None]).exp_()
+            ent[s : s + chunk] = lse[s : s + chunk] - (p.mul_(z)).sum(-1)  # H = lse - E_p[z]
         ctx.save_for_backward(logits, lse, ent)
         ctx.temperature, ctx.chunk, ctx.dtype = temperature, chunk, dtype
         return ent
@@ -259,7 +274,7 @@ class _Entropy(torch.autograd.Function):
         logits, lse, ent = ctx.saved_tensors
         grad = torch.empty_like(logits)
         for s in range(0, logits.shape[0], ctx.chunk):
-            z = logits[s : s + ctx.chunk].to(ctx.dtype) / ctx.temperature
+            z = _scaled(logits[s : s + ctx.chunk], ctx.dtype, ctx.temperature)
             logp = z - lse[s : s + ctx.chunk, None]
             # dH/dz_j = -p_j (log p_j + H)
             chunk_grad = -logp.exp() * (logp + ent[s : s + ctx.chunk, None]) * grad_out[s : s + ctx.chunk, None]

@@ -1,0 +1,275 @@
+"""GRPO iteration throughput and memory, this toolkit's PolicyTrainer vs TRL's GRPOTrainer, side by side.
+
+Both trainers get the same offline model (loaded from the same files), the same prompts and reward function, G
+samples per prompt, the same max new tokens, AdamW with the same learning rate, clipping and schedule, the same
+generation engine (transformers ``generate``, sampling at temperature 1) and the same objective (GRPO: group-normalised
+advantages, PPO clip 0.2, per-sequence token mean, no KL so no reference model). TRL gets its fastest settings:
+gradient checkpointing off, beta=0 (no reference model), fp32 as ours, no logging or saving inside the timed steps.
+
+Timing: an iteration is the wall time between the ends of two consecutive optimiser steps (sampling, reward, loss,
+backward, optimiser step and any bookkeeping included). ``update`` is the iteration minus the time inside
+``model.generate`` and inside the reward function, measured by the same wrappers on both sides. The first
+``--warmup`` steps of each run are discarded; runs alternate between the two trainers (ours, TRL, TRL, ours, ...)
+and the figures are medians over all measured steps.
+
+Memory (``--memory``): each trainer runs in its own process; the peak resident set size during the training steps
+(after model load and trainer construction; the kernel's high-water mark is reset just before) is compared.
+
+    python bench/grpo_vs_trl.py                       # the figures in docs/benchmarks.md
+    python bench/grpo_vs_trl.py --size tiny --rounds 1 --steps 2 --warmup 1 --max-new-tokens 8   # smoke test
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import (
+    Result,
+    Stopwatch,
+    arithmetic_prompts,
+    base_parser,
+    count_parameters,
+    iqr,
+    load_model,
+    median,
+    peak_rss_bytes,
+    reset_peak_rss,
+    rss_bytes,
+    set_threads,
+    shaped_reward,
+    write_json,
+)
+
+
+@dataclass
+class Settings:
+    size: str
+    prompts_per_step: int
+    group_size: int
+    max_new_tokens: int
+    lr: float
+    seed: int = 0
+
+    @property
+    def batch(self) -> int:
+        return self.prompts_per_step * self.group_size
+
+
+@dataclass
+class StepTime:
+    iteration: float
+    generate: float
+    reward: float
+
+    @property
+    def update(self) -> float:
+        return self.iteration - self.generate - self.reward
+
+
+# -- this toolkit ------------------------------------------------------------------------------------------------
+def run_ours(s: Settings, steps: int, on_ready: Any = None) -> list[StepTime]:
+    import torch
+
+    from align.algorithms import PRESETS
+    from align.trainers.optim import build_optimizer, build_scheduler
+    from align.trainers.policy import PolicyLoopConfig, PolicyTrainer
+    from align.trainers.protocols import RewardResult, SamplingParams
+    from align.trainers.rollout_hf import HFRolloutEngine
+    from align.trainers.sampler import PromptSampler
+
+    torch.manual_seed(s.seed)
+    model, tokenizer = load_model(s.size)
+    prompts, answers = arithmetic_prompts(256, s.seed)
+    gen_clock, reward_clock = Stopwatch(), Stopwatch()
+    model.generate = gen_clock.wrap(model.generate)
+
+    def score(rollout: Any, step: int) -> RewardResult:
+        values = torch.tensor(shaped_reward(rollout.completions, rollout.columns["answer"]), dtype=torch.float64)
+        return RewardResult(rewards=values, valid=torch.ones(len(values), dtype=torch.bool),
+                            per_reward={"shaped": values}, metrics={})
+
+    spec = replace(PRESETS.get("grpo"), kl=None, kl_coef=0.0)  # TRL's beta=0, loss_type="grpo"
+    optimizer = build_optimizer(model, lr=s.lr, weight_decay=0.0, betas=(0.9, 0.999))
+    scheduler = build_scheduler(optimizer, kind="constant", warmup_steps=0, total_steps=steps)
+    config = PolicyLoopConfig(steps=steps, prompts_per_step=s.prompts_per_step, samples_per_prompt=s.group_size,
+                              sampling=SamplingParams(max_new_tokens=s.max_new_tokens, temperature=1.0),
+                              micro_batch_size=s.batch, max_grad_norm=1.0)
+    trainer = PolicyTrainer(spec=spec, model=model, engine=HFRolloutEngine(model, tokenizer), reward_fn=score,
+                            optimizer=optimizer, scheduler=scheduler, config=config, prompts=prompts,
+                            columns={"answer": answers}, sampler=PromptSampler(len(prompts), s.seed))
+    trainer.reward_fn = reward_clock.wrap(score)
+    if on_ready is not None:
+        on_ready()
+    times = []
+    last = time.perf_counter()
+    for step in range(1, steps + 1):
+        trainer.step(step)
+        now = time.perf_counter()
+        times.append(StepTime(now - last, gen_clock.take(), reward_clock.take()))
+        last = now
+    return times
+
+
+# -- TRL ---------------------------------------------------------------------------------------------------------
+def run_trl(s: Settings, steps: int, on_ready: Any = None) -> list[StepTime]:
+    import torch
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    torch.manual_seed(s.seed)
+    model, tokenizer = load_model(s.size)
+    prompts, answers = arithmetic_prompts(256, s.seed)
+    gen_clock, reward_clock = Stopwatch(), Stopwatch()
+    model.generate = gen_clock.wrap(model.generate)
+
+    def shaped(prompts: list[str], completions: list[str], answer: list[str], **_: Any) -> list[float]:
+        return shaped_reward(completions, answer)
+
+    times: list[StepTime] = []
+
+    class Clock(TrainerCallback):
+        last = 0.0
+
+        def on_train_begin(self, *args: Any, **kwargs: Any) -> None:
+            if on_ready is not None:
+                on_ready()
+            Clock.last = time.perf_counter()
+
+        def on_step_end(self, *args: Any, **kwargs: Any) -> None:
+            now = time.perf_counter()
+            times.append(StepTime(now - Clock.last, gen_clock.take(), reward_clock.take()))
+            Clock.last = now
+
+    with tempfile.TemporaryDirectory() as out:
+        args = GRPOConfig(
+            output_dir=out, max_steps=steps, per_device_train_batch_size=s.batch, gradient_accumulation_steps=1,
+            num_generations=s.group_size, max_completion_length=s.max_new_tokens, learning_rate=s.lr,
+            lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999,
+            optim="adamw_torch", max_grad_norm=1.0, beta=0.0, loss_type="grpo", scale_rewards="group", epsilon=0.2,
+            temperature=1.0, top_p=1.0, top_k=0, gradient_checkpointing=False, bf16=False, fp16=False, use_cpu=True,
+            logging_steps=10**6, save_strategy="no", report_to="none", disable_tqdm=True, seed=s.seed,
+            dataloader_num_workers=0, log_completions=False,
+        )
+        trainer = GRPOTrainer(model=model, reward_funcs=reward_clock.wrap(shaped), args=args,
+                              train_dataset=Dataset.from_dict({"prompt": prompts, "answer": answers}),
+                              processing_class=tokenizer, callbacks=[Clock()])
+        trainer.train()
+    return times
+
+
+RUNNERS = {"ours": run_ours, "trl": run_trl}
+
+
+# -- throughput ----------------------------------------------------------------------------------------------------
+def throughput(s: Settings, rounds: int, steps: int, warmup: int) -> Result:
+    measured: dict[str, list[StepTime]] = {"ours": [], "trl": []}
+    for r in range(rounds):
+        order = ["ours", "trl"] if r % 2 == 0 else ["trl", "ours"]
+        for name in order:
+            times = RUNNERS[name](s, warmup + steps)
+            measured[name].extend(times[warmup:])
+            print(f"  round {r + 1}/{rounds} {name}: iteration {median([t.iteration for t in times[warmup:]]):.3f}s",
+                  flush=True)
+    figures: dict[str, Any] = {}
+    for name, times in measured.items():
+        it = [t.iteration for t in times]
+        up = [t.update for t in times]
+        figures[name] = {
+            "iteration_s": median(it), "iteration_iqr": iqr(it), "generate_s": median([t.generate for t in times]),
+            "reward_s": median([t.reward for t in times]), "update_s": median(up), "update_iqr": iqr(up),
+            "completions_per_s": s.batch / median(it), "update_completions_per_s": s.batch / median(up),
+            "steps_measured": len(times),
+        }
+    figures["ratio_iteration"] = figures["ours"]["completions_per_s"] / figures["trl"]["completions_per_s"]
+    figures["ratio_update"] = figures["ours"]["update_completions_per_s"] / figures["trl"]["update_completions_per_s"]
+    return Result("grpo_throughput_vs_trl", figures, _settings(s, rounds=rounds, steps=steps, warmup=warmup))
+
+
+# -- memory --------------------------------------------------------------------------------------------------------
+def child_memory(name: str, s: Settings, steps: int) -> dict[str, float]:
+    """Run one trainer in this process; its peak RSS during the steps (the high-water mark reset when ready)."""
+    before: dict[str, float] = {}
+
+    def ready() -> None:
+        before["rss"] = rss_bytes()
+        reset_peak_rss()
+
+    RUNNERS[name](s, steps, on_ready=ready)
+    return {"rss_before_steps_mb": before["rss"] / 2**20, "peak_rss_mb": peak_rss_bytes() / 2**20,
+            "peak_increase_mb": (peak_rss_bytes() - before["rss"]) / 2**20}
+
+
+def memory(s: Settings, steps: int, args: Any) -> Result:
+    figures: dict[str, Any] = {}
+    for name in ("ours", "trl"):
+        cmd = [sys.executable, __file__, "--child-memory", name, "--size", s.size, "--prompts", str(s.prompts_per_step),
+               "--group-size", str(s.group_size), "--max-new-tokens", str(s.max_new_tokens), "--steps", str(steps)]
+        if args.threads:
+            cmd += ["--threads", str(args.threads)]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        figures[name] = json.loads(out.strip().splitlines()[-1])
+    figures["ratio_peak_rss"] = figures["ours"]["peak_rss_mb"] / figures["trl"]["peak_rss_mb"]
+    figures["ratio_peak_increase"] = figures["ours"]["peak_increase_mb"] / figures["trl"]["peak_increase_mb"]
+    return Result("grpo_peak_rss_vs_trl", figures, _settings(s, steps=steps))
+
+
+def _settings(s: Settings, **extra: Any) -> dict[str, Any]:
+    import torch
+    import transformers
+    import trl
+
+    model, _ = load_model(s.size)
+    return {"model": f"llama-{s.size} ({count_parameters(model) / 1e6:.1f}M parameters, char vocab 99)",
+            "prompts_per_step": s.prompts_per_step, "G": s.group_size, "completions_per_step": s.batch,
+            "max_new_tokens": s.max_new_tokens, "lr": s.lr, "torch_threads": torch.get_num_threads(),
+            "versions": f"trl {trl.__version__}, transformers {transformers.__version__}, torch {torch.__version__}",
+            **extra}
+
+
+def main() -> None:
+    parser = base_parser(__doc__.split("\n")[0])
+    parser.add_argument("--size", default="small")
+    parser.add_argument("--prompts", type=int, default=4, help="prompts per step")
+    parser.add_argument("--group-size", type=int, default=8, help="G: samples per prompt")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-5)
+    parser.add_argument("--rounds", type=int, default=4, help="alternating runs per trainer")
+    parser.add_argument("--steps", type=int, default=4, help="measured steps per run")
+    parser.add_argument("--warmup", type=int, default=1, help="discarded steps per run")
+    parser.add_argument("--memory", action="store_true", help="also compare peak RSS (one process per trainer)")
+    parser.add_argument("--only-memory", action="store_true")
+    parser.add_argument("--child-memory", choices=sorted(RUNNERS), help=argparse_hidden())
+    args = parser.parse_args()
+    set_threads(args.threads)
+    s = Settings(args.size, args.prompts, args.group_size, args.max_new_tokens, args.lr)
+    if args.child_memory:
+        print(json.dumps(child_memory(args.child_memory, s, args.steps)))
+        return
+    results = []
+    if not args.only_memory:
+        results.append(throughput(s, args.rounds, args.steps, args.warmup))
+    if args.memory or args.only_memory:
+        results.append(memory(s, args.steps + args.warmup, args))
+    for result in results:
+        result.show()
+    write_json(args.json, results)
+
+
+def argparse_hidden() -> str:
+    import argparse
+
+    return argparse.SUPPRESS
+
+
+if __name__ == "__main__":
+    main()
