@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import os
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -62,8 +63,10 @@ class RolloutWorker:
     def generate(self, prompts: Sequence[str], columns: Mapping[str, Sequence[Any]], samples_per_prompt: int,
                  params: SamplingParams, seed: int) -> Rollout:
         torch.manual_seed(seed)  # the driver owns the randomness, so a resumed run samples the same
+        start = time.perf_counter()
         rollout: Rollout = self.engine.generate(prompts, columns, samples_per_prompt=samples_per_prompt,
                                                 params=params)
+        rollout.timings["generate"] = time.perf_counter() - start  # the driver splits its wait into this + Ray
         return rollout
 
     def sync(self, payload: bytes, version: int) -> int:
@@ -144,7 +147,10 @@ class LearnerRank:
 
     def step(self, shard: dict[str, Tensor], ref_logp: Tensor | None, off_policy: str | None = None,
              is_cap: float = 2.0) -> dict[str, float]:
-        return self.learner.step(shard, ref_logp, off_policy=off_policy, is_cap=is_cap)
+        start = time.perf_counter()
+        stats = self.learner.step(shard, ref_logp, off_policy=off_policy, is_cap=is_cap)
+        stats["time/learner_compute"] = time.perf_counter() - start  # forward, backward, all-reduce, optimiser
+        return stats
 
     def logprobs(self, shard: dict[str, Tensor]) -> Tensor:
         return self.learner.logprobs(shard)
@@ -182,8 +188,11 @@ class RewardWorker:
               columns: Mapping[str, Sequence[Any]], step: int) -> Any:
         from rewards import RewardBatch
 
-        return self.composer.score(RewardBatch(prompts=prompts, completions=completions,
-                                               completion_ids=completion_ids, columns=columns, step=step))
+        start = time.perf_counter()
+        scores = self.composer.score(RewardBatch(prompts=prompts, completions=completions,
+                                                 completion_ids=completion_ids, columns=columns, step=step))
+        scores.metrics["time/reward_compute"] = time.perf_counter() - start
+        return scores
 
     def pid(self) -> int:
         return os.getpid()

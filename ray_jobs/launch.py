@@ -250,7 +250,12 @@ class Cluster:
                                                 [ids[i] for i in rows.tolist()],
                                                 {k: [v[i] for i in rows.tolist()] for k, v in rollout.columns.items()},
                                                 step) for worker, rows in zip(self.rewards, chunks, strict=False)]
-                return merge_scores(ray.get(futures))
+                parts = ray.get(futures)
+                # the workers run in parallel: the slowest one is the reward compute on the critical path
+                compute = max((p.metrics.pop("time/reward_compute", 0.0) for p in parts), default=0.0)
+                merged = merge_scores(parts)
+                merged.metrics["time/reward_compute"] = compute
+                return merged
             except RayActorError:
                 if attempt == 2:
                     raise
@@ -401,7 +406,9 @@ def _verify_sync(cluster: Cluster, probe: ProbeCheck) -> Any:
 def _step(step: int, cluster: Cluster, spec: AlgorithmSpec, recipe: Recipe, rollout: Rollout,
           accuracy_entry: Any, start: float) -> dict[str, float]:
     rollout_time = time.perf_counter() - start
+    reward_start = time.perf_counter()
     scores = cluster.score(rollout, step)
+    reward_time = time.perf_counter() - reward_start
     metrics: dict[str, float] = dict(scores.metrics)
     lag = cluster.version - rollout.weight_version  # 0 on-policy, 1 with overlap
     metrics["off_policy_lag"] = float(lag)
@@ -418,10 +425,11 @@ def _step(step: int, cluster: Cluster, spec: AlgorithmSpec, recipe: Recipe, roll
     rewards = scores.total[keep].to(torch.float32)
     shards = shard_rows(batch.group_ids, len(cluster.learners))
     plain = _batch(batch, torch.zeros_like(batch.mask))
-    ref_parts = ray.get([learner.ref_logprobs.remote(take(plain, rows))
-                         for learner, rows in zip(cluster.learners, shards, strict=True)])
     ref_logp = None
-    if spec.kl is not None:
+    reference_start = time.perf_counter()
+    if spec.kl is not None:  # no round trip to the learners when nothing reads a reference
+        ref_parts = ray.get([learner.ref_logprobs.remote(take(plain, rows))
+                             for learner, rows in zip(cluster.learners, shards, strict=True)])
         ref_logp = torch.zeros_like(batch.mask)
         for rows, part in zip(shards, ref_parts, strict=True):
             ref_logp[rows] = part
@@ -429,6 +437,7 @@ def _step(step: int, cluster: Cluster, spec: AlgorithmSpec, recipe: Recipe, roll
     metrics.update(extra)
     if cluster.credit is not None:
         metrics["credit/aux_model_actors"] = float(len(cluster.aux_actors))
+    reference_time = time.perf_counter() - reference_start
     full = _batch(batch, advantages)
     in_loss = spec.kl is not None and spec.kl_placement == "loss"
     update_start = time.perf_counter()
@@ -436,18 +445,41 @@ def _step(step: int, cluster: Cluster, spec: AlgorithmSpec, recipe: Recipe, roll
     stats = ray.get([learner.step.remote(take(full, rows), ref_logp[rows] if in_loss and ref_logp is not None
                                          else None, correction, recipe.runtime.is_cap)
                      for learner, rows in zip(cluster.learners, shards, strict=True)])
+    update_time = time.perf_counter() - update_start
+    learner_compute = max(s.pop("time/learner_compute", 0.0) for s in stats)  # ranks run in parallel
     tokens = [float(batch.mask[rows].sum()) for rows in shards]
     for key in sorted({k for s in stats for k in s}):
         if key in ("loss", "pg_loss", "kl"):
             metrics[key] = sum(s[key] for s in stats)
         else:
             metrics[key] = sum(s.get(key, 0.0) * t for s, t in zip(stats, tokens, strict=True)) / max(sum(tokens), 1.0)
+    sync_start = time.perf_counter()
     cluster.sync(cluster.version + 1)
+    sync_time = time.perf_counter() - sync_start
     total = time.perf_counter() - start
     metrics.update({"weight_version": float(cluster.version), "response_length/mean": float(batch.mask.sum(-1).mean()),
-        "time/step": total, "time/rollout": rollout_time, "time/update": time.perf_counter() - update_start,
         "throughput/tokens_per_s": float(batch.mask.sum()) / total, "filter/kept_frac": float(keep.float().mean())})
+    metrics.update(step_timings(total=total, rollout_wait=rollout_time, generate=rollout.timings.get("generate", 0.0),
+                                reward=reward_time, reward_compute=float(scores.metrics.get("time/reward_compute", 0)),
+                                reference=reference_time, update=update_time, learner_compute=learner_compute,
+                                sync=sync_time))
     return metrics
+
+
+def step_timings(*, total: float, rollout_wait: float, generate: float, reward: float, reward_compute: float,
+                 reference: float, update: float, learner_compute: float, sync: float) -> dict[str, float]:
+    """Where a Ray step's wall time went. The work is generation (inside the rollout worker), reward compute (the
+    slowest reward worker) and the update (the slowest learner rank: forward, backward, all-reduce, optimiser);
+    everything else (Ray dispatch and object transfer, serialisation, the driver's advantage estimation, weight
+    sync) is overhead. With ``runtime.overlap`` generation runs during the previous step, so only the part the
+    driver waited for counts (``min(wait, generate)``)."""
+    visible_generate = min(rollout_wait, generate)
+    work = visible_generate + reward_compute + learner_compute
+    return {"time/step": total, "time/rollout": rollout_wait, "time/generate": generate, "time/reward": reward,
+            "time/reward_compute": reward_compute, "time/reference": reference, "time/update": update,
+            "time/learner_compute": learner_compute, "time/weight_sync": sync,
+            "time/overhead": max(0.0, total - work), "time/overhead_frac": max(0.0, total - work) / total
+            if total > 0 else 0.0}
 
 
 def _checkpoint(run_dir: Path, step: int, cluster: Cluster, sampler: PromptSampler, before: float,

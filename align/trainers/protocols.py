@@ -26,6 +26,7 @@ class Rollout:
     group_ids: Tensor  # (B,) long
     weight_version: int  # the policy version the engine sampled with
     columns: dict[str, list[Any]] = field(default_factory=dict)  # dataset columns per row (e.g. "answer")
+    timings: dict[str, float] = field(default_factory=dict)  # seconds measured where the rollout ran ("generate")
 
     def __len__(self) -> int:
         return len(self.completions)
@@ -43,7 +44,7 @@ class Rollout:
             prompt_ids=self.prompt_ids[index], prompt_mask=self.prompt_mask[index],
             completion_ids=self.completion_ids[index], mask=self.mask[index], logp=self.logp[index],
             group_ids=self.group_ids[index], weight_version=self.weight_version,
-            columns={k: [v[i] for i in rows] for k, v in self.columns.items()},
+            columns={k: [v[i] for i in rows] for k, v in self.columns.items()}, timings=dict(self.timings),
         )
 
 

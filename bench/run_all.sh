@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Every figure of docs/benchmarks.md, one script after another (never side by side: they share the cores), each
+# writing its JSON into docs/bench-results/. Run from the repository root: bench/run_all.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+PY=${PYTHON:-.venv/bin/python}
+OUT=docs/bench-results
+mkdir -p "$OUT"
+$PY bench/grpo_vs_trl.py --memory --json "$OUT/grpo_vs_trl.json"
+$PY bench/grpo_vs_trl.py --threads 2 --json "$OUT/grpo_vs_trl_2threads.json"
+$PY bench/dpo_vs_trl.py --json "$OUT/dpo_vs_trl.json"
+$PY bench/memory_logprobs.py --json "$OUT/memory_logprobs.json"
+$PY bench/rollout.py --json "$OUT/rollout.json"
+$PY bench/scaling.py --json "$OUT/scaling.json"
+$PY bench/ray_overhead.py --json "$OUT/ray_overhead.json"
