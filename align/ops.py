@@ -192,53 +192,81 @@ def _rows_per_chunk(vocab: int, chunk_rows: int | None) -> int:
     return max(1, _CHUNK_ELEMENTS // max(vocab, 1))
 
 
-def _scaled(chunk: Tensor, dtype: torch.dtype, temperature: float) -> Tensor:
-    """A chunk of logits in the compute dtype, divided by the temperature (no copy when neither changes it)."""
-    z = chunk.to(dtype)
+def _as_3d(x: Tensor) -> Tensor:
+    """(..., V) -> (B, T, V) as a view when possible. Slices such as ``logits[:, p - 1 : -1]`` cannot be flattened
+    to (B*T, V) without a copy, but each of their B slabs is row-contiguous: the ops walk them slab by slab."""
+    vocab = x.shape[-1]
+    if x.dim() < 2:
+        raise InputError(f"expected (..., V) logits with at least 2 dims, got shape {tuple(x.shape)}")
+    try:
+        return x.view(1, -1, vocab)
+    except RuntimeError:
+        return x if x.dim() == 3 else x.reshape(-1, x.shape[-2], vocab)
+
+
+def _blocks(batch: int, rows: int, chunk: int) -> list[tuple[slice, slice]]:
+    """(batch slice, row slice) blocks of at most ``chunk`` rows that cover a (batch, rows) grid."""
+    if rows >= chunk:
+        return [(slice(b, b + 1), slice(t, t + chunk)) for b in range(batch) for t in range(0, rows, chunk)]
+    per = max(1, chunk // max(rows, 1))
+    return [(slice(b, b + per), slice(None)) for b in range(0, batch, per)]
+
+
+def _scaled(block: Tensor, dtype: torch.dtype, temperature: float) -> Tensor:
+    """A block of logits in the compute dtype, divided by the temperature (no copy when neither changes it)."""
+    z = block.to(dtype)
     return z if temperature == 1.0 else z / temperature
 
 
 class _SelectiveLogSoftmax(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, logits: Tensor, ids: Tensor, temperature: float, chunk: int) -> Tensor:
-        n, dtype = logits.shape[0], _compute_dtype(logits)
-        out = torch.empty(n, dtype=dtype, device=logits.device)
+    def forward(ctx: Any, logits: Tensor, ids: Tensor, temperature: float, chunk: int, grad_in_logits: bool
+                ) -> Tensor:
+        dtype = _compute_dtype(logits)
+        out = torch.empty(logits.shape[:-1], dtype=dtype, device=logits.device)  # (B, T)
         lse = torch.empty_like(out)
-        for s in range(0, n, chunk):
-            z = _scaled(logits[s : s + chunk], dtype, temperature)  # (chunk, V), freed each iteration
-            lse[s : s + chunk] = torch.logsumexp(z, dim=-1)
-            out[s : s + chunk] = z.gather(-1, ids[s : s + chunk, None]).squeeze(-1) - lse[s : s + chunk]
+        for b, t in _blocks(logits.shape[0], logits.shape[1], chunk):
+            z = _scaled(logits[b, t], dtype, temperature)  # (b, t, V), freed each iteration
+            lse[b, t] = torch.logsumexp(z, dim=-1)
+            out[b, t] = z.gather(-1, ids[b, t, None]).squeeze(-1) - lse[b, t]
         ctx.save_for_backward(logits, ids, lse)
-        ctx.temperature, ctx.chunk, ctx.dtype = temperature, chunk, dtype
+        ctx.temperature, ctx.chunk, ctx.dtype, ctx.grad_in_logits = temperature, chunk, dtype, grad_in_logits
         return out
 
     @staticmethod
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, None, None, None]:
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, None, None, None, None]:
         logits, ids, lse = ctx.saved_tensors
-        grad = torch.empty_like(logits)
-        in_place = grad.dtype == ctx.dtype  # fp32 logits: each chunk is computed straight into the gradient
-        for s in range(0, logits.shape[0], ctx.chunk):
-            z = _scaled(logits[s : s + ctx.chunk], ctx.dtype, ctx.temperature)
-            g = grad_out[s : s + ctx.chunk, None].to(ctx.dtype)  # (chunk, 1)
-            target = grad[s : s + ctx.chunk] if in_place else torch.empty_like(z)
+        # grad_in_logits: the gradient overwrites the logits block by block (each block is read before it is
+        # written), so no second logits-sized buffer exists. Autograd's version counter makes any other user of
+        # these logits fail loudly instead of reading gradients.
+        grad = logits if ctx.grad_in_logits else torch.empty_like(logits)
+        direct = grad.dtype == ctx.dtype  # fp32 logits: each block is computed straight into the gradient
+        for b, t in _blocks(logits.shape[0], logits.shape[1], ctx.chunk):
+            z = _scaled(logits[b, t], ctx.dtype, ctx.temperature)
+            g = grad_out[b, t, None].to(ctx.dtype)  # (b, t, 1)
+            target = grad[b, t] if direct else torch.empty_like(z)
             # d logp / d z = onehot - softmax, times the incoming gradient, over the temperature
-            torch.sub(z, lse[s : s + ctx.chunk, None], out=target)
+            torch.sub(z, lse[b, t, None], out=target)
             target.exp_().mul_(-g)
-            target.scatter_add_(-1, ids[s : s + ctx.chunk, None], g)
+            target.scatter_add_(-1, ids[b, t, None], g)
             if ctx.temperature != 1.0:
                 target.div_(ctx.temperature)
-            if not in_place:
-                grad[s : s + ctx.chunk] = target
-        return grad, None, None, None
+            if not direct:
+                grad[b, t] = target
+        return grad, None, None, None, None
 
 
 def selective_log_softmax(
-    logits: Tensor, token_ids: Tensor, *, temperature: float = 1.0, chunk_rows: int | None = None
+    logits: Tensor, token_ids: Tensor, *, temperature: float = 1.0, chunk_rows: int | None = None,
+    grad_in_logits: bool = False,
 ) -> Tensor:
     """log softmax(logits / temperature)[token_id] for every position, in fp32 or better, chunked over rows.
 
-    logits: (..., V) any float dtype; token_ids: (...) long. Returns (...) in fp32 (fp64 for fp64 logits).
-    Differentiable in ``logits``; the backward recomputes each chunk's softmax instead of storing it.
+    logits: (..., V) any float dtype, any strides with contiguous rows (a slice ``logits[:, a:b]`` is not copied);
+    token_ids: (...) long. Returns (...) in fp32 (fp64 for fp64 logits). Differentiable in ``logits``; the backward
+    recomputes each chunk's softmax instead of storing it. ``grad_in_logits=True`` writes the gradient into the
+    logits' own memory (for callers that never read the logits after the backward, e.g. a policy forward whose
+    logits only feed this op): the backward then needs no logits-sized buffer of its own.
     """
     if logits.shape[:-1] != token_ids.shape:
         raise InputError(f"token_ids {tuple(token_ids.shape)} must match logits without the vocabulary dim "
@@ -246,25 +274,26 @@ def selective_log_softmax(
     if temperature <= 0:
         raise InputError(f"temperature must be > 0, got {temperature}")
     vocab = logits.shape[-1]
-    flat = logits.reshape(-1, vocab)
-    ids = token_ids.reshape(-1).long()
+    blocks = _as_3d(logits)
+    ids = token_ids.reshape(blocks.shape[:-1]).long()
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
         raise InputError(f"token_ids must lie in [0, {vocab}); found {int(ids.min())}..{int(ids.max())}")
-    out: Tensor = _SelectiveLogSoftmax.apply(flat, ids, float(temperature), _rows_per_chunk(vocab, chunk_rows))
+    out: Tensor = _SelectiveLogSoftmax.apply(blocks, ids, float(temperature), _rows_per_chunk(vocab, chunk_rows),
+                                             bool(grad_in_logits))
     return out.reshape(token_ids.shape)
 
 
 class _Entropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, logits: Tensor, temperature: float, chunk: int) -> Tensor:
-        n, dtype = logits.shape[0], _compute_dtype(logits)
-        ent = torch.empty(n, dtype=dtype, device=logits.device)
+        dtype = _compute_dtype(logits)
+        ent = torch.empty(logits.shape[:-1], dtype=dtype, device=logits.device)
         lse = torch.empty_like(ent)
-        for s in range(0, n, chunk):
-            z = _scaled(logits[s : s + chunk], dtype, temperature)
-            lse[s : s + chunk] = torch.logsumexp(z, dim=-1)
-            p = (z - lse[s : s + chunk, None]).exp_()
-            ent[s : s + chunk] = lse[s : s + chunk] - (p.mul_(z)).sum(-1)  # H = lse - E_p[z]
+        for b, t in _blocks(logits.shape[0], logits.shape[1], chunk):
+            z = _scaled(logits[b, t], dtype, temperature)
+            lse[b, t] = torch.logsumexp(z, dim=-1)
+            p = (z - lse[b, t, None]).exp_()
+            ent[b, t] = lse[b, t] - p.mul_(z).sum(-1)  # H = lse - E_p[z]
         ctx.save_for_backward(logits, lse, ent)
         ctx.temperature, ctx.chunk, ctx.dtype = temperature, chunk, dtype
         return ent
@@ -273,37 +302,37 @@ class _Entropy(torch.autograd.Function):
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, None, None]:
         logits, lse, ent = ctx.saved_tensors
         grad = torch.empty_like(logits)
-        for s in range(0, logits.shape[0], ctx.chunk):
-            z = _scaled(logits[s : s + ctx.chunk], ctx.dtype, ctx.temperature)
-            logp = z - lse[s : s + ctx.chunk, None]
+        for b, t in _blocks(logits.shape[0], logits.shape[1], ctx.chunk):
+            z = _scaled(logits[b, t], ctx.dtype, ctx.temperature)
+            logp = z - lse[b, t, None]
             # dH/dz_j = -p_j (log p_j + H)
-            chunk_grad = -logp.exp() * (logp + ent[s : s + ctx.chunk, None]) * grad_out[s : s + ctx.chunk, None]
-            grad[s : s + ctx.chunk] = chunk_grad / ctx.temperature
+            chunk_grad = -logp.exp() * (logp + ent[b, t, None]) * grad_out[b, t, None]
+            grad[b, t] = chunk_grad / ctx.temperature
         return grad, None, None
 
 
 def entropy_from_logits(logits: Tensor, *, temperature: float = 1.0, chunk_rows: int | None = None) -> Tensor:
     """Full-vocabulary entropy H(softmax(logits / temperature)) per position, fp32, chunked over rows.
 
-    logits: (..., V) -> (...) in fp32 (fp64 for fp64 logits). Differentiable (for entropy bonuses); wrap in
-    ``torch.no_grad()`` for diagnostics and GTPO's entropy filter.
+    logits: (..., V) -> (...) in fp32 (fp64 for fp64 logits); slices are not copied. Differentiable (for entropy
+    bonuses); wrap in ``torch.no_grad()`` for diagnostics and GTPO's entropy filter.
     """
     if temperature <= 0:
         raise InputError(f"temperature must be > 0, got {temperature}")
     vocab = logits.shape[-1]
-    out: Tensor = _Entropy.apply(logits.reshape(-1, vocab), float(temperature), _rows_per_chunk(vocab, chunk_rows))
+    out: Tensor = _Entropy.apply(_as_3d(logits), float(temperature), _rows_per_chunk(vocab, chunk_rows))
     return out.reshape(logits.shape[:-1])
 
 
 class _ForwardKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, ref_logits: Tensor, logits: Tensor, chunk: int) -> Tensor:
-        n, dtype = logits.shape[0], _compute_dtype(logits)
-        kl = torch.empty(n, dtype=dtype, device=logits.device)
-        for s in range(0, n, chunk):
-            ref_logp = torch.log_softmax(ref_logits[s : s + chunk].to(dtype), dim=-1)
-            logp = torch.log_softmax(logits[s : s + chunk].to(dtype), dim=-1)
-            kl[s : s + chunk] = (ref_logp.exp() * (ref_logp - logp)).sum(-1)
+        dtype = _compute_dtype(logits)
+        kl = torch.empty(logits.shape[:-1], dtype=dtype, device=logits.device)
+        for b, t in _blocks(logits.shape[0], logits.shape[1], chunk):
+            ref_logp = torch.log_softmax(ref_logits[b, t].to(dtype), dim=-1)
+            logp = torch.log_softmax(logits[b, t].to(dtype), dim=-1)
+            kl[b, t] = (ref_logp.exp() * (ref_logp - logp)).sum(-1)
         ctx.save_for_backward(ref_logits, logits)
         ctx.chunk, ctx.dtype = chunk, dtype
         return kl
@@ -312,10 +341,10 @@ class _ForwardKL(torch.autograd.Function):
     def backward(ctx: Any, grad_out: Tensor) -> tuple[None, Tensor, None]:
         ref_logits, logits = ctx.saved_tensors
         grad = torch.empty_like(logits)
-        for s in range(0, logits.shape[0], ctx.chunk):
-            p_ref = torch.softmax(ref_logits[s : s + ctx.chunk].to(ctx.dtype), dim=-1)
-            p = torch.softmax(logits[s : s + ctx.chunk].to(ctx.dtype), dim=-1)
-            grad[s : s + ctx.chunk] = (p - p_ref) * grad_out[s : s + ctx.chunk, None]  # d KL(ref||p) / d z
+        for b, t in _blocks(logits.shape[0], logits.shape[1], ctx.chunk):
+            p_ref = torch.softmax(ref_logits[b, t].to(ctx.dtype), dim=-1)
+            p = torch.softmax(logits[b, t].to(ctx.dtype), dim=-1)
+            grad[b, t] = (p - p_ref) * grad_out[b, t, None]  # d KL(ref||p) / d z
         return None, grad, None
 
 
@@ -330,7 +359,8 @@ def kl_from_logits(ref_logits: Tensor, logits: Tensor, *, chunk_rows: int | None
         raise InputError(f"reference logits {tuple(ref_logits.shape)} and policy logits {tuple(logits.shape)} "
                          "must have the same (..., V) shape")
     vocab = logits.shape[-1]
-    out: Tensor = _ForwardKL.apply(
-        ref_logits.reshape(-1, vocab), logits.reshape(-1, vocab), _rows_per_chunk(vocab, chunk_rows)
-    )
+    ref3, pol3 = _as_3d(ref_logits), _as_3d(logits)
+    if ref3.shape != pol3.shape:  # one of them was viewable as a single slab, the other not
+        ref3, pol3 = ref_logits.reshape(-1, vocab)[None], logits.reshape(-1, vocab)[None]
+    out: Tensor = _ForwardKL.apply(ref3, pol3, _rows_per_chunk(vocab, chunk_rows))
     return out.reshape(logits.shape[:-1])

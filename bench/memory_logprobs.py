@@ -5,7 +5,8 @@ The logits (B*T rows of V columns, requiring grad as in training) exist before t
 after an LM head. Each variant runs in a fresh process; the kernel's resident high-water mark is reset once the
 logits are allocated and touched, so the figure is the extra memory the computation needed on top of them. Both the
 forward alone (log-probs + entropy: what a rollout or reference pass costs) and forward + backward of the log-probs
-(a training step; the gradient of the logits, one logits-sized buffer, is part of any backward) are measured.
+(a training step) are measured. A backward normally returns a logits-sized gradient buffer; the variant
+``chunked_grad_in_logits`` writes it into the logits' own memory instead, as ``response_forward`` does in training.
 
     python bench/memory_logprobs.py                           # V=32000, B*T=16384, fp32 and bf16 logits
     python bench/memory_logprobs.py --vocab 1000 --tokens 512 # smoke test
@@ -24,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import Result, base_parser, peak_rss_bytes, reset_peak_rss, rss_bytes, write_json
 
-VARIANTS = ("naive", "chunked")
+VARIANTS = ("naive", "chunked", "chunked_grad_in_logits")
 
 
 def child(variant: str, vocab: int, tokens: int, dtype_name: str, backward: bool) -> dict[str, float]:
@@ -34,21 +35,30 @@ def child(variant: str, vocab: int, tokens: int, dtype_name: str, backward: bool
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
     torch.manual_seed(0)
+
+    def compute(logits: Any, ids: Any) -> Any:
+        if variant == "naive":
+            logp_all = torch.log_softmax(logits.float(), dim=-1)
+            logp = logp_all.gather(-1, ids[:, None]).squeeze(-1)
+            with torch.no_grad():
+                entropy = -(logp_all.exp() * logp_all).sum(-1)
+        else:
+            # entropy first: with grad_in_logits the backward overwrites the logits (as in response_forward,
+            # where nothing reads them afterwards)
+            entropy = entropy_from_logits(logits.detach())
+            logp = selective_log_softmax(logits, ids, grad_in_logits=variant == "chunked_grad_in_logits")
+        if backward:
+            logp.sum().backward()
+        return entropy
+
+    # warm-up on a few rows: kernels and libraries are paged in before the high-water mark is reset
+    compute(torch.randn(8, vocab, dtype=dtype).requires_grad_(True), torch.randint(0, vocab, (8,)))
     logits = torch.randn(tokens, vocab, dtype=dtype).requires_grad_(True)
     ids = torch.randint(0, vocab, (tokens,))
     before = rss_bytes()
     reset_peak_rss()
     start = time.perf_counter()
-    if variant == "naive":
-        logp_all = torch.log_softmax(logits.float(), dim=-1)
-        logp = logp_all.gather(-1, ids[:, None]).squeeze(-1)
-        with torch.no_grad():
-            entropy = -(logp_all.exp() * logp_all).sum(-1)
-    else:
-        logp = selective_log_softmax(logits, ids)
-        entropy = entropy_from_logits(logits.detach())
-    if backward:
-        logp.sum().backward()
+    entropy = compute(logits, ids)
     elapsed = time.perf_counter() - start
     peak = peak_rss_bytes()
     assert torch.isfinite(entropy).all()
@@ -58,7 +68,7 @@ def child(variant: str, vocab: int, tokens: int, dtype_name: str, backward: bool
 
 def measure(vocab: int, tokens: int, dtype_name: str, backward: bool) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for variant in VARIANTS:
+    for variant in VARIANTS if backward else VARIANTS[:2]:  # the in-place variant differs only in the backward
         cmd = [sys.executable, __file__, "--child", variant, "--vocab", str(vocab), "--tokens", str(tokens),
                "--dtype", dtype_name] + (["--backward"] if backward else [])
         run = subprocess.run(cmd, capture_output=True, text=True)
@@ -66,6 +76,9 @@ def measure(vocab: int, tokens: int, dtype_name: str, backward: bool) -> dict[st
             raise SystemExit(f"{variant} ({dtype_name}) failed:\n{run.stderr[-2000:]}")
         out[variant] = json.loads(run.stdout.strip().splitlines()[-1])
     out["ratio_extra_peak"] = out["chunked"]["extra_peak_mb"] / out["naive"]["extra_peak_mb"]
+    if backward:
+        out["ratio_extra_peak_grad_in_logits"] = (out["chunked_grad_in_logits"]["extra_peak_mb"]
+                                                  / out["naive"]["extra_peak_mb"])
     return out
 
 

@@ -63,17 +63,33 @@ def response_forward(
     with_entropy: bool = False,
     return_logits: bool = False,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """Log-probs (B, T) of the completion tokens, optionally their entropy (B, T, no grad) and logits (B, T, V)."""
-    p = prompt_ids.shape[1]
+    """Log-probs (B, T) of the completion tokens, optionally their entropy (B, T, no grad) and logits (B, T, V).
+
+    Only the T + 1 last positions go through the LM head (``logits_to_keep``): prompt positions predict nothing
+    we score, and for a large vocabulary their logits would dominate compute and memory. Unless the logits are
+    returned, the log-prob backward writes its gradient into the logits' memory (nothing else reads them).
+    """
     t = completion_ids.shape[1]
     input_ids = torch.cat([prompt_ids, completion_ids], 1)
     attention = torch.cat([prompt_mask.long(), torch.ones_like(completion_ids)], 1)
     positions = (attention.cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=input_ids, attention_mask=attention, position_ids=positions).logits
-    predicting = logits[:, p - 1 : p + t - 1]  # (B, T, V): position p-1+s predicts completion token s
-    logp = selective_log_softmax(predicting, completion_ids, temperature=temperature)
+    logits = _last_logits(model, input_ids, attention, positions, keep=t + 1)  # (B, >= T+1, V)
+    predicting = logits[:, -(t + 1) : -1]  # (B, T, V): position p-1+s predicts completion token s
+    logp = selective_log_softmax(predicting, completion_ids, temperature=temperature,
+                                 grad_in_logits=not return_logits and logits.requires_grad)
     entropy = None
     if with_entropy:
         with torch.no_grad():
             entropy = entropy_from_logits(predicting.detach(), temperature=temperature)
     return logp, entropy, (predicting / temperature if return_logits else None)
+
+
+def _last_logits(model: Any, input_ids: Tensor, attention: Tensor, positions: Tensor, *, keep: int) -> Tensor:
+    """Logits of the last ``keep`` positions; all positions for models whose forward has no ``logits_to_keep``."""
+    try:
+        return model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
+                     logits_to_keep=keep).logits
+    except TypeError as err:
+        if "logits_to_keep" not in str(err):
+            raise
+    return model(input_ids=input_ids, attention_mask=attention, position_ids=positions).logits

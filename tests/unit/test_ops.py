@@ -174,3 +174,52 @@ def test_mask_validation() -> None:
     with pytest.raises(InputError, match="must match"):
         as_float_mask(torch.ones(2, 4), like)
     assert as_float_mask(torch.ones(2, 3, dtype=torch.bool), like).dtype == torch.float32
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 3, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ops_on_a_slice_match_the_naive_ops_without_copying_it(chunk_rows: int | None, dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    full = torch.randn(3, 9, 11, dtype=torch.float64).to(dtype).requires_grad_(True)
+    ids = torch.randint(0, 11, (3, 6))
+    sliced = full[:, 2:8]  # (3, 6, 11): not viewable as (18, 11)
+    ours = selective_log_softmax(sliced, ids, temperature=0.7, chunk_rows=chunk_rows)
+    ent = entropy_from_logits(sliced, temperature=0.7, chunk_rows=chunk_rows)
+    (ours.sum() + ent.sum()).backward()
+    grad_ours = full.grad.clone()
+    full.grad = None
+    ref_logp = torch.log_softmax(sliced.double() / 0.7, -1)
+    ref = ref_logp.gather(-1, ids[..., None]).squeeze(-1)
+    ref_ent = -(ref_logp.exp() * ref_logp).sum(-1)
+    (ref.sum() + ref_ent.sum()).backward()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(ours.double(), ref, atol=tol, rtol=tol)
+    torch.testing.assert_close(ent.double(), ref_ent, atol=tol, rtol=tol)
+    torch.testing.assert_close(grad_ours.double(), full.grad.double(), atol=tol, rtol=tol)
+    assert grad_ours[:, :2].abs().max() == 0 and grad_ours[:, 8:].abs().max() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gradient_written_into_the_logits_equals_the_usual_gradient(dtype: torch.dtype) -> None:
+    torch.manual_seed(1)
+    hidden = torch.randn(4, 7, 16)
+    head = torch.randn(16, 13, dtype=torch.float32).requires_grad_(True)
+    ids = torch.randint(0, 13, (4, 5))
+    grads = []
+    for in_place in (False, True):
+        head.grad = None
+        logits = (hidden @ head).to(dtype)  # (4, 7, 13), as an LM head would produce
+        logp = selective_log_softmax(logits[:, 1:6], ids, temperature=0.9, chunk_rows=3, grad_in_logits=in_place)
+        (logp * torch.linspace(-1, 1, 5)).sum().backward()
+        grads.append(head.grad.clone())
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(grads[1], grads[0], atol=tol, rtol=tol)
+
+
+def test_gradient_in_logits_fails_loudly_when_another_op_still_needs_the_logits() -> None:
+    logits = (torch.randn(2, 5, 8) @ torch.randn(8, 8)).requires_grad_(True)
+    ids = torch.randint(0, 8, (2, 5))
+    other = (logits**2).sum()  # pow saves its input: the logits, which the in-place gradient overwrites
+    logp = selective_log_softmax(logits, ids, grad_in_logits=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (other + logp.sum()).backward()

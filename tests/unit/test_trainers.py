@@ -46,6 +46,38 @@ def test_rollout_log_probs_match_the_learner_forward(tiny) -> None:
     assert (rollout.logp[rollout.mask == 0] == 0).all()
 
 
+def test_response_forward_scores_only_the_completion_positions_and_its_gradients_match(tiny) -> None:
+    """logits_to_keep (LM head on the last T+1 positions) and the gradient written into the logits give the same
+    log-probs and parameter gradients as the plain full-sequence forward, which models without logits_to_keep
+    take."""
+    model, _ = tiny
+
+    class NoKeep(torch.nn.Module):  # a forward without logits_to_keep: response_forward falls back
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask, position_ids):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+
+    prompt_ids = torch.tensor([[0, 5, 6, 7], [8, 9, 10, 11]])
+    prompt_mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+    completion_ids = torch.tensor([[12, 13, 2], [14, 2, 0]])
+    mask = torch.tensor([[1.0, 1, 1], [1, 1, 0]])
+    results = []
+    for m in (model, NoKeep(model)):
+        model.zero_grad(set_to_none=True)
+        logp, entropy, _ = response_forward(m, prompt_ids, prompt_mask, completion_ids, mask, temperature=0.8,
+                                            with_entropy=True)
+        (logp * mask).sum().backward()
+        results.append((logp.detach(), entropy, [p.grad.clone() for p in model.parameters()]))
+    (a, ea, ga), (b, eb, gb) = results
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(ea, eb, atol=1e-6, rtol=1e-6)
+    for x, y in zip(ga, gb, strict=True):
+        torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5)
+
+
 def test_prompt_sampler_resumes_exactly() -> None:
     a = PromptSampler(10, seed=1)
     first = a.next(7) + a.next(7)  # crosses an epoch
