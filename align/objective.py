@@ -43,6 +43,20 @@ def validate_policy_inputs(x: PolicyInputs, ref_logp: Tensor | None = None) -> P
     )
 
 
+def zero_advantage_is_inert(spec: AlgorithmSpec) -> bool:
+    """True when a row whose advantages are all exactly 0 adds exactly 0 to the loss and to its gradient.
+
+    Holds for losses of the form f(ratio) * A (registered with ``inert_at_zero_advantage``: PPO-clip, REINFORCE,
+    CISPO, GSPO) when no KL term sits in the loss; not for GTPO (its entropy term acts at A = 0) nor with a
+    KL-in-loss term. A trainer may then skip such rows' forward and backward: the step's gradient is unchanged
+    because every reducer divides by counts of the whole step (:class:`~align.losses.StepNormalizer`).
+    """
+    if spec.kind != "policy" or spec.policy_loss is None:
+        return False
+    kl_in_loss = spec.kl is not None and spec.kl_placement == "loss"
+    return not kl_in_loss and bool(POLICY_LOSSES.info(spec.policy_loss).get("inert_at_zero_advantage"))
+
+
 def policy_step_loss(
     spec: AlgorithmSpec, inputs: PolicyInputs, normalizer: StepNormalizer, *, ref_logp: Tensor | None = None
 ) -> tuple[Tensor, Metrics]:

@@ -151,7 +151,7 @@ def run_policy(recipe: Recipe, spec: AlgorithmSpec, *, resume: str | Path | bool
                                 top_p=recipe.rollout.top_p),
         micro_batch_size=recipe.learner.micro_batch_size, updates_per_batch=recipe.learner.updates_per_batch,
         max_grad_norm=recipe.learner.max_grad_norm, accuracy_reward=None if accuracy_entry is None
-        else accuracy_entry.name,
+        else accuracy_entry.name, precision=recipe.learner.mixed_precision,
     )
     columns = {c: train[c] for c in train.column_names if c != "prompt"}
     trainer = PolicyTrainer(spec=spec, model=model, engine=engine, reward_fn=reward_fn, optimizer=optimizer,
@@ -230,7 +230,8 @@ def run_preference(recipe: Recipe, spec: AlgorithmSpec, *, resume: str | Path | 
     train_pairs, test_pairs, test_prompts = _pairs(recipe)
     reference = _reference(model, recipe, spec)
     extras = _token_extras(recipe, spec, model, tokenizer, base)
-    step_fn = PreferenceStep(spec, model, reference, extras, recipe.learner.micro_batch_size)
+    step_fn = PreferenceStep(spec, model, reference, extras, recipe.learner.micro_batch_size,
+                             precision=recipe.learner.mixed_precision)
     optimizer = build_optimizer(model, lr=recipe.learner.lr, weight_decay=recipe.learner.weight_decay,
                                 betas=recipe.learner.betas)
     scheduler = build_scheduler(optimizer, kind=recipe.learner.scheduler, warmup_steps=recipe.learner.warmup_steps,

@@ -45,6 +45,7 @@ class Settings:
     pairs_per_step: int
     response_chars: int
     lr: float
+    precision: str = "no"  # "bf16": bf16 autocast on both sides
     seed: int = 0
 
 
@@ -80,7 +81,8 @@ def run_ours(s: Settings, steps: int) -> list[float]:
             return None
 
     spec = PRESETS.get("dpo")
-    step_fn = PreferenceStep(spec, model, Reference, None, micro_batch_size=s.pairs_per_step)
+    step_fn = PreferenceStep(spec, model, Reference, None, micro_batch_size=s.pairs_per_step,
+                             precision=s.precision)
     optimizer = build_optimizer(model, lr=s.lr, weight_decay=0.0, betas=(0.9, 0.999))
     scheduler = build_scheduler(optimizer, kind="constant", warmup_steps=0, total_steps=steps)
     data = make_pairs(s, s.pairs_per_step * steps)
@@ -129,7 +131,8 @@ def run_trl(s: Settings, steps: int) -> list[float]:
             output_dir=out, max_steps=steps, per_device_train_batch_size=s.pairs_per_step,
             gradient_accumulation_steps=1, learning_rate=s.lr, lr_scheduler_type="constant", warmup_steps=0,
             weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, optim="adamw_torch", max_grad_norm=1.0, beta=0.1,
-            loss_type=["sigmoid"], gradient_checkpointing=False, bf16=False, fp16=False, use_cpu=True,
+            loss_type=["sigmoid"], gradient_checkpointing=False, bf16=s.precision == "bf16", fp16=False,
+            use_cpu=True,
             logging_steps=10**6, save_strategy="no", report_to="none", disable_tqdm=True, seed=s.seed,
             dataloader_num_workers=0, max_length=None, precompute_ref_log_probs=False,
         )
@@ -161,6 +164,7 @@ def throughput(s: Settings, rounds: int, steps: int, warmup: int) -> Result:
     model, _ = load_model(s.size)
     settings = {"model": f"llama-{s.size} ({count_parameters(model) / 1e6:.1f}M parameters, char vocab 99)",
                 "pairs_per_step": s.pairs_per_step, "response_chars": s.response_chars, "lr": s.lr, "beta": 0.1,
+                "precision": s.precision,
                 "torch_threads": torch.get_num_threads(), "rounds": rounds, "steps": steps, "warmup": warmup,
                 "versions": f"trl {trl.__version__}, transformers {transformers.__version__}, "
                             f"torch {torch.__version__}"}
@@ -173,13 +177,14 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=16, help="pairs per optimiser step")
     parser.add_argument("--response-chars", type=int, default=48, help="length of each chosen/rejected response")
     parser.add_argument("--lr", type=float, default=1e-5)
+    parser.add_argument("--precision", choices=["no", "bf16"], default="no", help="bf16: bf16 autocast, both sides")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=1)
     args = parser.parse_args()
     set_threads(args.threads)
-    result = throughput(Settings(args.size, args.pairs, args.response_chars, args.lr), args.rounds, args.steps,
-                        args.warmup)
+    result = throughput(Settings(args.size, args.pairs, args.response_chars, args.lr, args.precision), args.rounds,
+                        args.steps, args.warmup)
     result.show()
     write_json(args.json, [result])
 

@@ -57,6 +57,7 @@ class Settings:
     group_size: int
     max_new_tokens: int
     lr: float
+    precision: str = "no"  # "bf16": bf16 autocast on both sides (TRL's bf16=True, our learner.mixed_precision)
     seed: int = 0
 
     @property
@@ -102,7 +103,7 @@ def run_ours(s: Settings, steps: int, on_ready: Any = None) -> list[StepTime]:
     scheduler = build_scheduler(optimizer, kind="constant", warmup_steps=0, total_steps=steps)
     config = PolicyLoopConfig(steps=steps, prompts_per_step=s.prompts_per_step, samples_per_prompt=s.group_size,
                               sampling=SamplingParams(max_new_tokens=s.max_new_tokens, temperature=1.0),
-                              micro_batch_size=s.batch, max_grad_norm=1.0)
+                              micro_batch_size=s.batch, max_grad_norm=1.0, precision=s.precision)
     trainer = PolicyTrainer(spec=spec, model=model, engine=HFRolloutEngine(model, tokenizer), reward_fn=score,
                             optimizer=optimizer, scheduler=scheduler, config=config, prompts=prompts,
                             columns={"answer": answers}, sampler=PromptSampler(len(prompts), s.seed))
@@ -156,7 +157,8 @@ def run_trl(s: Settings, steps: int, on_ready: Any = None) -> list[StepTime]:
             num_generations=s.group_size, max_completion_length=s.max_new_tokens, learning_rate=s.lr,
             lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999,
             optim="adamw_torch", max_grad_norm=1.0, beta=0.0, loss_type="grpo", scale_rewards="group", epsilon=0.2,
-            temperature=1.0, top_p=1.0, top_k=0, gradient_checkpointing=False, bf16=False, fp16=False, use_cpu=True,
+            temperature=1.0, top_p=1.0, top_k=0, gradient_checkpointing=False, bf16=s.precision == "bf16", fp16=False,
+            use_cpu=True,
             logging_steps=10**6, save_strategy="no", report_to="none", disable_tqdm=True, seed=s.seed,
             dataloader_num_workers=0, log_completions=False,
         )
@@ -213,7 +215,8 @@ def memory(s: Settings, steps: int, args: Any) -> Result:
     figures: dict[str, Any] = {}
     for name in ("ours", "trl"):
         cmd = [sys.executable, __file__, "--child-memory", name, "--size", s.size, "--prompts", str(s.prompts_per_step),
-               "--group-size", str(s.group_size), "--max-new-tokens", str(s.max_new_tokens), "--steps", str(steps)]
+               "--group-size", str(s.group_size), "--max-new-tokens", str(s.max_new_tokens), "--steps", str(steps),
+               "--precision", s.precision]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
@@ -231,7 +234,8 @@ def _settings(s: Settings, **extra: Any) -> dict[str, Any]:
     model, _ = load_model(s.size)
     return {"model": f"llama-{s.size} ({count_parameters(model) / 1e6:.1f}M parameters, char vocab 99)",
             "prompts_per_step": s.prompts_per_step, "G": s.group_size, "completions_per_step": s.batch,
-            "max_new_tokens": s.max_new_tokens, "lr": s.lr, "torch_threads": torch.get_num_threads(),
+            "max_new_tokens": s.max_new_tokens, "lr": s.lr, "precision": s.precision,
+            "torch_threads": torch.get_num_threads(),
             "versions": f"trl {trl.__version__}, transformers {transformers.__version__}, torch {torch.__version__}",
             **extra}
 
@@ -243,6 +247,8 @@ def main() -> None:
     parser.add_argument("--group-size", type=int, default=8, help="G: samples per prompt")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-5)
+    parser.add_argument("--precision", choices=["no", "bf16"], default="no",
+                        help="bf16: bf16 autocast on both sides (TRL's default bf16=True)")
     parser.add_argument("--rounds", type=int, default=4, help="alternating runs per trainer")
     parser.add_argument("--steps", type=int, default=4, help="measured steps per run")
     parser.add_argument("--warmup", type=int, default=1, help="discarded steps per run")
@@ -251,7 +257,7 @@ def main() -> None:
     parser.add_argument("--child-memory", choices=sorted(RUNNERS), help=argparse_hidden())
     args = parser.parse_args()
     set_threads(args.threads)
-    s = Settings(args.size, args.prompts, args.group_size, args.max_new_tokens, args.lr)
+    s = Settings(args.size, args.prompts, args.group_size, args.max_new_tokens, args.lr, args.precision)
     if args.child_memory:
         print(json.dumps(child_memory(args.child_memory, s, args.steps)))
         return

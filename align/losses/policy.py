@@ -99,7 +99,7 @@ def _row_advantages(adv: Tensor, mask: Tensor, loss_name: str, alternative: str)
     return masked_mean(adv, mask, dim=-1)
 
 
-@POLICY_LOSSES.register("ppo_clip", ratio="token")
+@POLICY_LOSSES.register("ppo_clip", ratio="token", inert_at_zero_advantage=True)
 def ppo_clip(
     x: PolicyInputs, *, eps_low: float = 0.2, eps_high: float | None = None, dual_clip: float | None = None
 ) -> tuple[Tensor, Metrics]:
@@ -116,7 +116,7 @@ def ppo_clip(
     return loss, {**stats, **_ratio_stats(ratio, log_ratio, x.mask)}
 
 
-@POLICY_LOSSES.register("reinforce", ratio="none")
+@POLICY_LOSSES.register("reinforce", ratio="none", inert_at_zero_advantage=True)
 def reinforce(x: PolicyInputs) -> tuple[Tensor, Metrics]:
     """REINFORCE (Williams 1992): gradient -A * grad log pi, no ratio and no clip; value -A.
 
@@ -126,7 +126,7 @@ def reinforce(x: PolicyInputs) -> tuple[Tensor, Metrics]:
     return masked_fill_zero(-x.advantages * surrogate, x.mask), {}
 
 
-@POLICY_LOSSES.register("cispo", ratio="token")
+@POLICY_LOSSES.register("cispo", ratio="token", inert_at_zero_advantage=True)
 def cispo(x: PolicyInputs, *, eps_low: float = 1.0, eps_high: float = 0.28) -> tuple[Tensor, Metrics]:
     """CISPO (MiniMax-M1, arXiv 2506.13585 eq. 4): clip the detached IS weight, keep every token's gradient.
 
@@ -148,7 +148,7 @@ def _sequence_log_ratio(x: PolicyInputs) -> Tensor:
     return masked_mean(x.logp - x.old_logp, x.mask, dim=-1).clamp(max=_MAX_SEQ_LOG_RATIO)
 
 
-@POLICY_LOSSES.register("gspo", ratio="sequence")
+@POLICY_LOSSES.register("gspo", ratio="sequence", inert_at_zero_advantage=True)
 def gspo(x: PolicyInputs, *, eps_low: float = 3e-4, eps_high: float = 4e-4) -> tuple[Tensor, Metrics]:
     """GSPO (Zheng et al. 2025, arXiv 2507.18071 eq. 5-7): length-normalised sequence ratio, clipped per sequence.
 
@@ -167,7 +167,7 @@ def gspo(x: PolicyInputs, *, eps_low: float = 3e-4, eps_high: float = 4e-4) -> t
     return loss, stats
 
 
-@POLICY_LOSSES.register("gspo_token", ratio="sequence_token")
+@POLICY_LOSSES.register("gspo_token", ratio="sequence_token", inert_at_zero_advantage=True)
 def gspo_token(x: PolicyInputs, *, eps_low: float = 3e-4, eps_high: float = 4e-4) -> tuple[Tensor, Metrics]:
     """GSPO-token (arXiv 2507.18071 eq. 13-14): s_{i,t} = sg(s_i) * pi(y_t) / sg(pi(y_t)), per-token advantages.
 

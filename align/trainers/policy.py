@@ -20,8 +20,9 @@ from torch import Tensor
 from align.advantages import ADVANTAGES, nonuniform_groups
 from align.algorithms import AlgorithmSpec
 from align.losses import PolicyInputs, StepNormalizer, kl_reward_penalty
-from align.objective import policy_step_loss
+from align.objective import policy_step_loss, zero_advantage_is_inert
 from align.ops import last_token_mask, masked_mean
+from align.trainers.precision import Precision, autocast
 from align.trainers.protocols import CreditFunction, RewardFunction, Rollout, RolloutEngine, SamplingParams
 from align.trainers.sampler import PromptSampler
 from align.trainers.sequences import response_forward
@@ -39,6 +40,7 @@ class PolicyLoopConfig:
     updates_per_batch: int = 1
     max_grad_norm: float | None = 1.0
     accuracy_reward: str | None = None  # a 0/1 verifier among the rewards, reported as "accuracy"
+    precision: Precision = "no"  # "bf16": forward passes (sampling included) under bf16 autocast
 
 
 @dataclass
@@ -111,15 +113,17 @@ class PolicyTrainer:
         index = self.sampler.next(self.config.prompts_per_step)
         prompts = [self.prompts[i] for i in index]
         columns = {k: [v[i] for i in index] for k, v in self.columns.items()}
-        return self.engine.generate(prompts, columns, samples_per_prompt=self.config.samples_per_prompt,
-                                    params=self.config.sampling)
+        # the in-process engine samples under the same autocast as the update, so pi_old matches the learner
+        with autocast(self.config.precision, self.model):
+            return self.engine.generate(prompts, columns, samples_per_prompt=self.config.samples_per_prompt,
+                                        params=self.config.sampling)
 
     def _advantages(self, batch: Rollout,
                     rewards: Tensor) -> tuple[Tensor, Tensor | None, dict[str, float], dict[str, Tensor]]:
         ref_logp = None
         if self.spec.kl is not None:
             assert self.reference is not None
-            with torch.no_grad():
+            with torch.no_grad(), autocast(self.config.precision, self.model):
                 ref_logp = self.reference(batch)
         entropy = self._entropy(batch) if self.credit_fn is not None and self.credit_needs_entropy else None
         advantages, metrics, credit = estimate_advantages(self.spec, batch, rewards, ref_logp=ref_logp,
@@ -128,18 +132,35 @@ class PolicyTrainer:
 
     @torch.no_grad()
     def _entropy(self, batch: Rollout) -> Tensor:
-        _, entropy, _ = response_forward(self.model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
-                                         batch.mask, temperature=self.config.sampling.temperature, with_entropy=True)
+        with autocast(self.config.precision, self.model):
+            _, entropy, _ = response_forward(self.model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
+                                             batch.mask, temperature=self.config.sampling.temperature,
+                                             with_entropy=True)
         assert entropy is not None
         return entropy
 
-    def _micro_batches(self, batch: Rollout) -> list[Tensor]:
-        """Row indices of micro-batches made of whole groups (GTPO's conflict weights need the group)."""
-        groups = batch.group_ids.unique_consecutive()
+    def _active_rows(self, batch: Rollout, advantages: Tensor) -> Tensor:
+        """(B,) bool: rows whose forward and backward can change the gradient.
+
+        Groups whose advantages are all exactly 0 (every sample got the same reward, so GRPO-style estimators
+        give 0) contribute exactly nothing when :func:`zero_advantage_is_inert` holds, and are skipped: with
+        binary rewards these are often a third or more of a batch, forward and backward that TRL and verl run to
+        add zeros. Whole groups only, so GTPO-style group computations never see a partial group.
+        """
+        if not zero_advantage_is_inert(self.spec):
+            return torch.ones(len(batch), dtype=torch.bool)
+        nonzero = ((advantages != 0) & (batch.mask != 0)).any(-1)  # (B,)
+        groups = batch.group_ids.unique()
+        live = groups[torch.stack([nonzero[batch.group_ids == g].any() for g in groups])]
+        return torch.isin(batch.group_ids, live)
+
+    def _micro_batches(self, batch: Rollout, active: Tensor) -> list[Tensor]:
+        """Row indices of micro-batches made of whole active groups (GTPO's conflict weights need the group)."""
+        groups = batch.group_ids[active].unique_consecutive()
         per_micro = max(1, self.config.micro_batch_size // max(1, self.config.samples_per_prompt))
         out = []
         for s in range(0, len(groups), per_micro):
-            members = torch.isin(batch.group_ids, groups[s : s + per_micro])
+            members = torch.isin(batch.group_ids, groups[s : s + per_micro]) & active
             out.append(members.nonzero().squeeze(-1))
         return out
 
@@ -148,18 +169,22 @@ class PolicyTrainer:
         normalizer = StepNormalizer.from_masks(batch.mask, generation_budget=spec.generation_budget)
         sums: dict[str, float] = {}
         weighted: dict[str, float] = {}
-        gap_sum, entropy_sum, tokens = 0.0, 0.0, float(batch.mask.sum())
+        active = self._active_rows(batch, advantages)
+        micro_batches = self._micro_batches(batch, active)
+        # per-token metrics (entropy, ratio stats, log-prob gap) are over the rows that went through the model
+        gap_sum, entropy_sum, tokens = 0.0, 0.0, float(batch.mask[active].sum())
         grad_norm = 0.0
         # eval mode: dropout would make pi_theta differ from the pi_old that sampled (ratio != 1 at mu = 1);
         # gradients flow as usual
         self.model.eval()
         for update in range(self.config.updates_per_batch):
             self.optimizer.zero_grad(set_to_none=True)
-            for rows in self._micro_batches(batch):
+            for rows in micro_batches:
                 mask = batch.mask[rows]
-                logp, entropy, _ = response_forward(self.model, batch.prompt_ids[rows], batch.prompt_mask[rows],
-                                                    batch.completion_ids[rows], mask, temperature=temperature,
-                                                    with_entropy=True)
+                with autocast(self.config.precision, self.model):
+                    logp, entropy, _ = response_forward(self.model, batch.prompt_ids[rows], batch.prompt_mask[rows],
+                                                        batch.completion_ids[rows], mask, temperature=temperature,
+                                                        with_entropy=True)
                 inputs = PolicyInputs(logp=logp, old_logp=batch.logp[rows], advantages=advantages[rows], mask=mask,
                                       token_ids=batch.completion_ids[rows], group_ids=batch.group_ids[rows],
                                       entropy=entropy)
@@ -176,16 +201,20 @@ class PolicyTrainer:
                     gap_sum += float(((logp.detach() - batch.logp[rows]).abs() * mask).sum())
                     assert entropy is not None
                     entropy_sum += float((entropy * mask).sum())
+            if not micro_batches:  # every row inert: the gradient is exactly zero, and the optimiser still steps
+                for p in self._params:
+                    p.grad = torch.zeros_like(p)
             if self.config.max_grad_norm is not None:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(self._params, self.config.max_grad_norm))
             else:
                 grad_norm = float(torch.norm(torch.stack([p.grad.norm() for p in self._params if p.grad is not None])))
             self.optimizer.step()
         self.scheduler.step()
-        metrics = {**sums, **weighted}
+        metrics = {"loss": 0.0, "pg_loss": 0.0, **sums, **weighted}  # inert rows add exactly 0 to the loss
         metrics["logprob_gap/rollout_vs_learner"] = gap_sum / max(tokens, 1.0)
         metrics["entropy"] = entropy_sum / max(tokens, 1.0)
         metrics["grad_norm"] = grad_norm
+        metrics["update/skipped_rows_frac"] = 1.0 - float(active.float().mean())
         metrics["lr"] = float(self.optimizer.param_groups[0]["lr"])
         return metrics
 

@@ -19,6 +19,7 @@ from torch import Tensor
 from align.algorithms import AlgorithmSpec
 from align.data.loading import as_text
 from align.losses import PREFERENCE_LOSSES, PreferenceInputs
+from align.trainers.precision import Precision, autocast
 from align.trainers.sequences import encode, pad_left, pad_right, response_forward
 
 
@@ -71,8 +72,10 @@ class PreferenceStep:
     """Loss of one optimiser step over pairs, micro-batched; the mean over pairs of the whole step."""
 
     def __init__(self, spec: AlgorithmSpec, model: Any, reference: Callable[[], Any] | None,
-                 token_extras: Callable[[PairBatch, Tensor], dict[str, Tensor]] | None, micro_batch_size: int):
+                 token_extras: Callable[[PairBatch, Tensor], dict[str, Tensor]] | None, micro_batch_size: int,
+                 precision: Precision = "no"):
         assert spec.preference_loss is not None
+        self.precision = precision
         self.spec, self.model, self.reference = spec, model, reference
         self.loss_fn = PREFERENCE_LOSSES.get(spec.preference_loss)
         self.needs_logits = bool(PREFERENCE_LOSSES.info(spec.preference_loss).get("needs_logits"))
@@ -83,11 +86,11 @@ class PreferenceStep:
         sums: dict[str, float] = {}
         for start in range(0, total, self.micro):
             rows = torch.arange(start, min(total, start + self.micro))
-            with torch.set_grad_enabled(backward):
+            with torch.set_grad_enabled(backward), autocast(self.precision, self.model):
                 c_logp, r_logp, c_logits, r_logits = _forward(self.model, batch, rows, logits=self.needs_logits)
             ref_c = ref_r = ref_c_logits = ref_r_logits = None
             if self.reference is not None:
-                with torch.no_grad(), self.reference() as ref_model:
+                with torch.no_grad(), autocast(self.precision, self.model), self.reference() as ref_model:
                     ref_c, ref_r, ref_c_logits, ref_r_logits = _forward(ref_model, batch, rows,
                                                                         logits=self.needs_logits)
             inputs = PreferenceInputs(chosen_logp=c_logp, rejected_logp=r_logp, chosen_mask=batch.chosen_mask[rows],

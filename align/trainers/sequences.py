@@ -86,10 +86,13 @@ def response_forward(
 
 def _last_logits(model: Any, input_ids: Tensor, attention: Tensor, positions: Tensor, *, keep: int) -> Tensor:
     """Logits of the last ``keep`` positions; all positions for models whose forward has no ``logits_to_keep``."""
+    logits: Tensor
     try:
-        return model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
-                     logits_to_keep=keep).logits
+        logits = model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
+                       logits_to_keep=keep).logits
+        return logits
     except TypeError as err:
         if "logits_to_keep" not in str(err):
             raise
-    return model(input_ids=input_ids, attention_mask=attention, position_ids=positions).logits
+    logits = model(input_ids=input_ids, attention_mask=attention, position_ids=positions).logits
+    return logits

@@ -7,6 +7,7 @@ under ~/.cache/align, or $ALIGN_CACHE): the first run on a fresh machine builds 
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -101,6 +102,31 @@ def test_kl_preset_uses_disabled_adapters_as_reference_under_lora(tmp_path: Path
     rows = read_metrics(result.run_dir)
     assert all(r["kl"] >= 0 for r in rows if "kl" in r)
     assert rows[-1]["kl"] > 0
+
+
+def test_bf16_mixed_precision_trains_fp32_weights_and_keeps_rollout_and_learner_consistent(tmp_path: Path) -> None:
+    recipe = tiny_recipe(tmp_path, name="bf16", learner={"lr": 1e-3, "steps": 3, "micro_batch_size": 16,
+                                                         "mixed_precision": "bf16"})
+    result = run(recipe, tmp_path)  # grpo: k3 KL against a frozen reference, also under autocast
+    rows = read_metrics(result.run_dir)
+    assert all(r["kl"] >= 0 for r in rows if "kl" in r)
+    # sampling and the update run under the same autocast: pi_old and pi_theta agree to bf16 rounding, not worse
+    assert rows[-1]["logprob_gap/rollout_vs_learner"] < 0.05
+    from transformers import AutoModelForCausalLM
+
+    final = AutoModelForCausalLM.from_pretrained(result.run_dir / "final")
+    assert all(p.dtype == torch.float32 for p in final.parameters())  # master weights stay fp32
+    dpo = tiny_recipe(tmp_path, name="bf16_dpo", algorithm={"preset": "dpo"}, rewards=[],
+                      learner={"lr": 1e-3, "steps": 2, "micro_batch_size": 8, "mixed_precision": "bf16"})
+    assert math.isfinite(run(dpo, tmp_path).metrics["loss"])
+
+
+def test_mixed_precision_is_refused_on_ray_with_the_fix_in_the_message(tmp_path: Path) -> None:
+    from align.config import RecipeError
+
+    recipe = tiny_recipe(tmp_path, learner={"mixed_precision": "bf16"}, runtime={"backend": "ray"})
+    with pytest.raises(RecipeError, match="model.dtype: bfloat16"):
+        api.resolve_recipe(recipe)
 
 
 def _deterministic(rows: list[dict], after: int) -> list[dict]:

@@ -191,3 +191,70 @@ def test_dr_grpo_normaliser_is_the_generation_budget() -> None:
     recipe = recipe_from_dict({"algorithm": {"preset": "dr_grpo"}, "rollout": {"max_new_tokens": 37},
                                "rewards": [{"name": "exact_match"}]})
     assert recipe.algorithm_spec().generation_budget == 37
+
+
+def _policy_trainer(model, spec_name: str, **spec_changes):
+    from dataclasses import replace
+
+    from align.algorithms import PRESETS
+    from align.trainers.policy import PolicyLoopConfig, PolicyTrainer
+
+    spec = replace(PRESETS.get(spec_name), **spec_changes)
+    optimizer = build_optimizer(model, lr=1e-2, weight_decay=0.0, betas=(0.9, 0.999))
+    scheduler = build_scheduler(optimizer, kind="constant", warmup_steps=0, total_steps=10)
+    config = PolicyLoopConfig(steps=1, prompts_per_step=3, samples_per_prompt=2, micro_batch_size=2,
+                              sampling=SamplingParams(max_new_tokens=3))
+    return PolicyTrainer(spec=spec, model=model, engine=None, reward_fn=None, optimizer=optimizer,
+                         scheduler=scheduler, config=config, prompts=[], columns={}, sampler=PromptSampler(1, 0),
+                         reference=(lambda batch: batch.logp) if spec.kl is not None else None)
+
+
+def _batch_with_logp(model):
+    from align.trainers.protocols import Rollout
+
+    prompt_ids = torch.tensor([[5, 6], [5, 6], [7, 8], [7, 8], [9, 10], [9, 10]])
+    completion_ids = torch.tensor([[11, 2, 0], [12, 13, 2], [14, 2, 0], [15, 16, 17], [18, 2, 0], [19, 20, 2]])
+    mask = torch.tensor([[1.0, 1, 0], [1, 1, 1], [1, 1, 0], [1, 1, 1], [1, 1, 0], [1, 1, 1]])
+    with torch.no_grad():
+        logp, _, _ = response_forward(model, prompt_ids, torch.ones_like(prompt_ids), completion_ids, mask)
+    return Rollout(prompts=[""] * 6, completions=[""] * 6, prompt_ids=prompt_ids,
+                   prompt_mask=torch.ones_like(prompt_ids), completion_ids=completion_ids, mask=mask,
+                   logp=logp * mask, group_ids=torch.tensor([0, 0, 1, 1, 2, 2]), weight_version=0)
+
+
+@pytest.mark.parametrize("inert_groups", [(1,), (0, 1, 2)])
+def test_skipping_inert_groups_leaves_the_update_unchanged(inert_groups, monkeypatch) -> None:
+    """Groups whose advantages are all 0 are skipped (no forward, no backward) and the optimiser step is the same
+    as computing their zero gradient, also when every group is inert (Adam still steps on zero gradients)."""
+    import align.trainers.policy as policy_module
+
+    params = []
+    for skip in (True, False):
+        torch.manual_seed(0)
+        model = build_tiny_causal_lm(len(build_char_tokenizer()), SMALL)
+        trainer = _policy_trainer(model, "grpo", kl=None, kl_coef=0.0)
+        batch = _batch_with_logp(model)
+        advantages = torch.tensor([[1.0], [-1.0], [0.5], [-0.5], [2.0], [-2.0]]).expand(6, 3) * batch.mask
+        for g in inert_groups:
+            advantages = torch.where((batch.group_ids == g)[:, None], 0.0, advantages)
+        if not skip:
+            monkeypatch.setattr(policy_module, "zero_advantage_is_inert", lambda spec: False)
+        metrics = trainer._update(batch, advantages, None)
+        monkeypatch.undo()
+        assert metrics["update/skipped_rows_frac"] == pytest.approx(len(inert_groups) / 3 if skip else 0.0)
+        params.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*params, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_rows_are_never_skipped_when_zero_advantage_still_moves_the_loss() -> None:
+    from dataclasses import replace
+
+    from align.algorithms import PRESETS
+    from align.objective import zero_advantage_is_inert
+
+    assert zero_advantage_is_inert(replace(PRESETS.get("grpo"), kl=None, kl_coef=0.0))
+    assert zero_advantage_is_inert(PRESETS.get("gspo")) and zero_advantage_is_inert(PRESETS.get("dapo"))
+    assert zero_advantage_is_inert(PRESETS.get("rloo"))  # its KL sits in the reward, hence in the advantages
+    assert not zero_advantage_is_inert(PRESETS.get("grpo"))  # k3 KL in the loss acts at A = 0
+    assert not zero_advantage_is_inert(PRESETS.get("gtpo"))  # the entropy term acts at A = 0
