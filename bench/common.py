@@ -51,15 +51,17 @@ def model_path(size: str) -> Path:
     return path
 
 
-def load_model(size: str) -> tuple[Any, Any]:
+def load_model(size: str, attn_implementation: str = "sdpa") -> tuple[Any, Any]:
+    """The model and tokenizer; ``attn_implementation`` is the transformers attention kernel (both sides of a
+    comparison get the same)."""
     from transformers import AutoTokenizer, LlamaForCausalLM
     from transformers.utils import logging
 
     logging.disable_progress_bar()
     logging.set_verbosity_error()
-
     path = model_path(size)
-    return LlamaForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    model = LlamaForCausalLM.from_pretrained(path, attn_implementation=attn_implementation)
+    return model, AutoTokenizer.from_pretrained(path)
 
 
 def count_parameters(model: Any) -> int:

@@ -2,9 +2,10 @@
 
 Both get the same offline model (loaded from the same files), the same pairs in the same order of difficulty (a
 prompt and two responses of ``--response-chars`` characters), the same batch of pairs per step, the sigmoid DPO loss
-with beta=0.1 against a frozen reference copy, AdamW with the same learning rate, clipping and constant schedule, fp32.
-TRL gets its fastest settings: gradient checkpointing off, reference log-probs computed in the step (as ours; see
-``--precompute`` for both sides precomputing them), no logging, evaluation or saving inside the timed steps.
+with beta=0.1 against a frozen reference copy, fused AdamW with the same learning rate, clipping and constant schedule,
+fp32 or (``--precision bf16``) bf16 autocast on both sides. TRL gets its fastest settings: gradient checkpointing off,
+reference log-probs computed in the step as ours (precomputing them moves the same work before training), no
+logging, evaluation or saving inside the timed steps.
 
 An iteration is the wall time between the ends of two consecutive optimiser steps; the first ``--warmup`` steps of
 each run are discarded, runs alternate between the trainers and the figures are medians over all measured steps.
@@ -45,6 +46,7 @@ class Settings:
     pairs_per_step: int
     response_chars: int
     lr: float
+    attn: str = "sdpa"  # transformers attention kernel, the same for both sides
     precision: str = "no"  # "bf16": bf16 autocast on both sides
     seed: int = 0
 
@@ -70,7 +72,7 @@ def run_ours(s: Settings, steps: int) -> list[float]:
     from align.trainers.preference import PairBatch, PreferenceStep
 
     torch.manual_seed(s.seed)
-    model, tokenizer = load_model(s.size)
+    model, tokenizer = load_model(s.size, s.attn)
     frozen = copy.deepcopy(model).eval().requires_grad_(False)
 
     class Reference:
@@ -111,7 +113,7 @@ def run_trl(s: Settings, steps: int) -> list[float]:
     from trl import DPOConfig, DPOTrainer
 
     torch.manual_seed(s.seed)
-    model, tokenizer = load_model(s.size)
+    model, tokenizer = load_model(s.size, s.attn)
     data = make_pairs(s, s.pairs_per_step * steps)
     times: list[float] = []
 
@@ -130,7 +132,7 @@ def run_trl(s: Settings, steps: int) -> list[float]:
         args = DPOConfig(
             output_dir=out, max_steps=steps, per_device_train_batch_size=s.pairs_per_step,
             gradient_accumulation_steps=1, learning_rate=s.lr, lr_scheduler_type="constant", warmup_steps=0,
-            weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, optim="adamw_torch", max_grad_norm=1.0, beta=0.1,
+            weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, optim="adamw_torch_fused", max_grad_norm=1.0, beta=0.1,
             loss_type=["sigmoid"], gradient_checkpointing=False, bf16=s.precision == "bf16", fp16=False,
             use_cpu=True,
             logging_steps=10**6, save_strategy="no", report_to="none", disable_tqdm=True, seed=s.seed,
@@ -164,7 +166,7 @@ def throughput(s: Settings, rounds: int, steps: int, warmup: int) -> Result:
     model, _ = load_model(s.size)
     settings = {"model": f"llama-{s.size} ({count_parameters(model) / 1e6:.1f}M parameters, char vocab 99)",
                 "pairs_per_step": s.pairs_per_step, "response_chars": s.response_chars, "lr": s.lr, "beta": 0.1,
-                "precision": s.precision,
+                "precision": s.precision, "attention": s.attn,
                 "torch_threads": torch.get_num_threads(), "rounds": rounds, "steps": steps, "warmup": warmup,
                 "versions": f"trl {trl.__version__}, transformers {transformers.__version__}, "
                             f"torch {torch.__version__}"}
@@ -178,13 +180,14 @@ def main() -> None:
     parser.add_argument("--response-chars", type=int, default=48, help="length of each chosen/rejected response")
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--precision", choices=["no", "bf16"], default="no", help="bf16: bf16 autocast, both sides")
+    parser.add_argument("--attn", choices=["sdpa", "eager"], default="sdpa", help="attention kernel (both sides)")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=1)
     args = parser.parse_args()
     set_threads(args.threads)
-    result = throughput(Settings(args.size, args.pairs, args.response_chars, args.lr, args.precision), args.rounds,
-                        args.steps, args.warmup)
+    result = throughput(Settings(args.size, args.pairs, args.response_chars, args.lr, args.attn, args.precision),
+                        args.rounds, args.steps, args.warmup)
     result.show()
     write_json(args.json, [result])
 

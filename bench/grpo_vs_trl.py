@@ -4,7 +4,10 @@ Both trainers get the same offline model (loaded from the same files), the same 
 samples per prompt, the same max new tokens, AdamW with the same learning rate, clipping and schedule, the same
 generation engine (transformers ``generate``, sampling at temperature 1) and the same objective (GRPO: group-normalised
 advantages, PPO clip 0.2, per-sequence token mean, no KL so no reference model). TRL gets its fastest settings:
-gradient checkpointing off, beta=0 (no reference model), fp32 as ours, no logging or saving inside the timed steps.
+gradient checkpointing off, beta=0 (no reference model), fused AdamW (its default), no logging or saving inside the
+timed steps. ``--precision bf16`` turns on bf16 autocast on both sides (TRL's default ``bf16=True``; ours
+``learner.mixed_precision: bf16``); ``--attn`` picks the attention kernel of the shared model (eager is faster than
+sdpa for short sequences in bf16 on this CPU).
 
 Timing: an iteration is the wall time between the ends of two consecutive optimiser steps (sampling, reward, loss,
 backward, optimiser step and any bookkeeping included). ``update`` is the iteration minus the time inside
@@ -57,6 +60,7 @@ class Settings:
     group_size: int
     max_new_tokens: int
     lr: float
+    attn: str = "sdpa"  # transformers attention kernel, the same for both sides
     precision: str = "no"  # "bf16": bf16 autocast on both sides (TRL's bf16=True, our learner.mixed_precision)
     seed: int = 0
 
@@ -88,7 +92,7 @@ def run_ours(s: Settings, steps: int, on_ready: Any = None) -> list[StepTime]:
     from align.trainers.sampler import PromptSampler
 
     torch.manual_seed(s.seed)
-    model, tokenizer = load_model(s.size)
+    model, tokenizer = load_model(s.size, s.attn)
     prompts, answers = arithmetic_prompts(256, s.seed)
     gen_clock, reward_clock = Stopwatch(), Stopwatch()
     model.generate = gen_clock.wrap(model.generate)
@@ -128,7 +132,7 @@ def run_trl(s: Settings, steps: int, on_ready: Any = None) -> list[StepTime]:
     from trl import GRPOConfig, GRPOTrainer
 
     torch.manual_seed(s.seed)
-    model, tokenizer = load_model(s.size)
+    model, tokenizer = load_model(s.size, s.attn)
     prompts, answers = arithmetic_prompts(256, s.seed)
     gen_clock, reward_clock = Stopwatch(), Stopwatch()
     model.generate = gen_clock.wrap(model.generate)
@@ -156,7 +160,8 @@ def run_trl(s: Settings, steps: int, on_ready: Any = None) -> list[StepTime]:
             output_dir=out, max_steps=steps, per_device_train_batch_size=s.batch, gradient_accumulation_steps=1,
             num_generations=s.group_size, max_completion_length=s.max_new_tokens, learning_rate=s.lr,
             lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999,
-            optim="adamw_torch", max_grad_norm=1.0, beta=0.0, loss_type="grpo", scale_rewards="group", epsilon=0.2,
+            optim="adamw_torch_fused", max_grad_norm=1.0, beta=0.0, loss_type="grpo", scale_rewards="group",
+            epsilon=0.2,
             temperature=1.0, top_p=1.0, top_k=0, gradient_checkpointing=False, bf16=s.precision == "bf16", fp16=False,
             use_cpu=True,
             logging_steps=10**6, save_strategy="no", report_to="none", disable_tqdm=True, seed=s.seed,
@@ -216,7 +221,7 @@ def memory(s: Settings, steps: int, args: Any) -> Result:
     for name in ("ours", "trl"):
         cmd = [sys.executable, __file__, "--child-memory", name, "--size", s.size, "--prompts", str(s.prompts_per_step),
                "--group-size", str(s.group_size), "--max-new-tokens", str(s.max_new_tokens), "--steps", str(steps),
-               "--precision", s.precision]
+               "--precision", s.precision, "--attn", s.attn]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
@@ -234,7 +239,7 @@ def _settings(s: Settings, **extra: Any) -> dict[str, Any]:
     model, _ = load_model(s.size)
     return {"model": f"llama-{s.size} ({count_parameters(model) / 1e6:.1f}M parameters, char vocab 99)",
             "prompts_per_step": s.prompts_per_step, "G": s.group_size, "completions_per_step": s.batch,
-            "max_new_tokens": s.max_new_tokens, "lr": s.lr, "precision": s.precision,
+            "max_new_tokens": s.max_new_tokens, "lr": s.lr, "precision": s.precision, "attention": s.attn,
             "torch_threads": torch.get_num_threads(),
             "versions": f"trl {trl.__version__}, transformers {transformers.__version__}, torch {torch.__version__}",
             **extra}
@@ -249,6 +254,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--precision", choices=["no", "bf16"], default="no",
                         help="bf16: bf16 autocast on both sides (TRL's default bf16=True)")
+    parser.add_argument("--attn", choices=["sdpa", "eager"], default="sdpa", help="attention kernel (both sides)")
     parser.add_argument("--rounds", type=int, default=4, help="alternating runs per trainer")
     parser.add_argument("--steps", type=int, default=4, help="measured steps per run")
     parser.add_argument("--warmup", type=int, default=1, help="discarded steps per run")
@@ -257,7 +263,7 @@ def main() -> None:
     parser.add_argument("--child-memory", choices=sorted(RUNNERS), help=argparse_hidden())
     args = parser.parse_args()
     set_threads(args.threads)
-    s = Settings(args.size, args.prompts, args.group_size, args.max_new_tokens, args.lr, args.precision)
+    s = Settings(args.size, args.prompts, args.group_size, args.max_new_tokens, args.lr, args.attn, args.precision)
     if args.child_memory:
         print(json.dumps(child_memory(args.child_memory, s, args.steps)))
         return

@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # Every figure of docs/benchmarks.md, one script after another (never side by side: they share the cores), each
-# writing its JSON into docs/bench-results/. Run from the repository root: bench/run_all.sh
+# writing its JSON into docs/bench-results/. Run from the repository root: bench/run_all.sh  (about 25 minutes here)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 PY=${PYTHON:-.venv/bin/python}
 OUT=docs/bench-results
 mkdir -p "$OUT"
-$PY bench/grpo_vs_trl.py --memory --json "$OUT/grpo_vs_trl.json"
-$PY bench/grpo_vs_trl.py --threads 2 --json "$OUT/grpo_vs_trl_2threads.json"
-$PY bench/dpo_vs_trl.py --json "$OUT/dpo_vs_trl.json"
+$PY bench/grpo_vs_trl.py --memory --json "$OUT/grpo_vs_trl_fp32.json"
+$PY bench/grpo_vs_trl.py --precision bf16 --attn eager --memory --json "$OUT/grpo_vs_trl_bf16.json"
+$PY bench/grpo_vs_trl.py --precision bf16 --attn eager --threads 2 --json "$OUT/grpo_vs_trl_bf16_2threads.json"
+$PY bench/dpo_vs_trl.py --json "$OUT/dpo_vs_trl_fp32.json"
+$PY bench/dpo_vs_trl.py --precision bf16 --attn eager --json "$OUT/dpo_vs_trl_bf16.json"
 $PY bench/memory_logprobs.py --json "$OUT/memory_logprobs.json"
 $PY bench/rollout.py --json "$OUT/rollout.json"
 $PY bench/scaling.py --json "$OUT/scaling.json"
