@@ -1,0 +1,198 @@
+"""Render the figures in docs/bench-results/*.json as the Markdown tables of docs/benchmarks.md.
+
+Replaces the text between ``<!-- figures:begin -->`` and ``<!-- figures:end -->`` in docs/benchmarks.md, so the
+document always shows exactly what the last ``bench/run_all.sh`` measured.
+
+    python bench/tables.py            # rewrite docs/benchmarks.md in place
+    python bench/tables.py --print    # print the tables only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "docs" / "bench-results"
+DOC = ROOT / "docs" / "benchmarks.md"
+BEGIN, END = "<!-- figures:begin -->", "<!-- figures:end -->"
+
+
+def load(name: str) -> dict[str, Any] | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def first(payload: dict[str, Any] | None, result: str) -> dict[str, Any] | None:
+    if payload is None:
+        return None
+    return next((r for r in payload["results"] if r["name"] == result), None)
+
+
+def verdict(value: float, goal: float, higher_is_better: bool = True) -> str:
+    ok = value >= goal if higher_is_better else value <= goal
+    return f"{'met' if ok else 'missed'} (goal {'>=' if higher_is_better else '<='} {goal:g}x)"
+
+
+def grpo_rows() -> list[str]:
+    rows = ["| setting | ours iteration (s) | TRL iteration (s) | ours generate / update (s) | "
+            "TRL generate / update (s) | completions/s ours / TRL | iteration ratio | update ratio |",
+            "|---|---|---|---|---|---|---|---|"]
+    for name, label in (("grpo_vs_trl_fp32", "fp32, sdpa, 1 thread"),
+                        ("grpo_vs_trl_bf16", "bf16 autocast, eager, 1 thread"),
+                        ("grpo_vs_trl_bf16_2threads", "bf16 autocast, eager, 2 threads")):
+        r = first(load(name), "grpo_throughput_vs_trl")
+        if r is None:
+            continue
+        f = r["figures"]
+        o, t = f["ours"], f["trl"]
+        rows.append(f"| {label} | {o['iteration_s']:.3f} | {t['iteration_s']:.3f} | {o['generate_s']:.3f} / "
+                    f"{o['update_s']:.3f} | {t['generate_s']:.3f} / {t['update_s']:.3f} | "
+                    f"{o['completions_per_s']:.1f} / {t['completions_per_s']:.1f} | "
+                    f"**{f['ratio_iteration']:.2f}x** {verdict(f['ratio_iteration'], 1.5)} | "
+                    f"**{f['ratio_update']:.2f}x** {verdict(f['ratio_update'], 2.0)} |")
+    return rows
+
+
+def grpo_memory_rows() -> list[str]:
+    rows = ["| setting | ours peak RSS (MB) | TRL peak RSS (MB) | ours / TRL rise during steps (MB) | ratio |",
+            "|---|---|---|---|---|"]
+    for name, label in (("grpo_vs_trl_fp32", "fp32"), ("grpo_vs_trl_bf16", "bf16 autocast")):
+        r = first(load(name), "grpo_peak_rss_vs_trl")
+        if r is None:
+            continue
+        f = r["figures"]
+        rows.append(f"| {label} | {f['ours']['peak_rss_mb']:.0f} | {f['trl']['peak_rss_mb']:.0f} | "
+                    f"{f['ours']['peak_increase_mb']:.0f} / {f['trl']['peak_increase_mb']:.0f} | "
+                    f"**{f['ratio_peak_rss']:.2f}x** {verdict(f['ratio_peak_rss'], 1.0, False)} |")
+    return rows
+
+
+def dpo_rows() -> list[str]:
+    rows = ["| setting | ours step (s) | TRL step (s) | pairs/s ours / TRL | ratio |", "|---|---|---|---|---|"]
+    for name, label in (("dpo_vs_trl_fp32", "fp32, sdpa"), ("dpo_vs_trl_bf16", "bf16 autocast, eager")):
+        r = first(load(name), "dpo_throughput_vs_trl")
+        if r is None:
+            continue
+        f = r["figures"]
+        rows.append(f"| {label} | {f['ours']['step_s']:.3f} | {f['trl']['step_s']:.3f} | "
+                    f"{f['ours']['pairs_per_s']:.2f} / {f['trl']['pairs_per_s']:.2f} | "
+                    f"**{f['ratio']:.2f}x** {verdict(f['ratio'], 1.5)} |")
+    return rows
+
+
+def memory_rows() -> list[str]:
+    r = first(load("memory_logprobs"), "logprob_entropy_peak_memory")
+    if r is None:
+        return []
+    rows = ["| logits | pass | naive extra (MB) | chunked extra (MB) | ratio | chunked, gradient in the logits (MB) | "
+            "ratio | time naive / chunked (s) |", "|---|---|---|---|---|---|---|---|"]
+    for key, f in r["figures"].items():
+        dtype, _, rest = key.partition("_")
+        inplace = f.get("chunked_grad_in_logits")
+        rows.append(f"| {dtype} ({f['naive']['logits_mb']:.0f} MB) | {rest.replace('_', ' + ')} | "
+                    f"{f['naive']['extra_peak_mb']:.0f} | {f['chunked']['extra_peak_mb']:.0f} | "
+                    f"**{f['ratio_extra_peak']:.3f}x** | "
+                    + (f"{inplace['extra_peak_mb']:.0f} | **{f['ratio_extra_peak_grad_in_logits']:.3f}x** | "
+                       if inplace else "- | - | ")
+                    + f"{f['naive']['seconds']:.1f} / {f['chunked']['seconds']:.1f} |")
+    return rows
+
+
+def rollout_rows() -> list[str]:
+    r = first(load("rollout"), "rollout_throughput")
+    if r is None:
+        return []
+    f = r["figures"]
+    keys = [k for k, v in f.get("hf", {}).items() if isinstance(v, dict)]
+    rows = ["| batch x max new tokens | transformers tokens/s | vLLM tokens/s | vLLM / transformers |",
+            "|---|---|---|---|"]
+    for key in keys:
+        batch, length = key[1:].split("_t")
+        hf, vl = f["hf"][key]["tokens_per_s"], f.get("vllm", {}).get(key, {}).get("tokens_per_s")
+        rows.append(f"| {batch} x {length} | {hf:.0f} | {vl:.0f} | {vl / hf:.2f}x |" if vl else
+                    f"| {batch} x {length} | {hf:.0f} | - | - |")
+    for engine in ("hf", "vllm"):
+        if engine in f:
+            exps = ", ".join(f"{v:.2f} (max new tokens {k.split('_t')[-1]})" for k, v in f[engine].items()
+                             if k.startswith("batch_exponent"))
+            rows.append(f"\n{'transformers' if engine == 'hf' else 'vLLM'}: throughput ~ batch^k with k = {exps}; "
+                        f"engine start {f[engine]['startup_s']:.1f} s.")
+    return rows
+
+
+def scaling_rows() -> list[str]:
+    r = first(load("scaling"), "grpo_iteration_scaling")
+    if r is None:
+        return []
+    rows = ["| doubling | points: iteration s (generate / update) | exponent: iteration | generate | update |",
+            "|---|---|---|---|---|"]
+    for sweep, label in (("G", "G"), ("response_length", "max new tokens"), ("model_size", "layers (params)")):
+        f = r["figures"][sweep]
+        points = "; ".join(f"{k}: {v['iteration_s']:.2f} ({v['generate_s']:.2f} / {v['update_s']:.2f})"
+                           for k, v in f["points"].items())
+        rows.append(f"| {label} | {points} | **{f['exponent_iteration']:.2f}** | {f['exponent_generate']:.2f} | "
+                    f"{f['exponent_update']:.2f} |")
+    return rows
+
+
+def ray_rows() -> list[str]:
+    runs = [(label, first(load(name), "ray_overhead")) for name, label in
+            (("ray_overhead", "weight sync through the object store"),
+             ("ray_overhead_broadcast", "weight sync by broadcast"))]
+    runs = [(label, r["figures"]) for label, r in runs if r is not None]
+    if not runs:
+        return []
+    rows = ["| part of a step | " + " | ".join(f"{label}: median s (share)" for label, _ in runs) + " |",
+            "|---|" + "---|" * len(runs)]
+    for part, label in (("generate", "generation (inside the rollout worker)"), ("reward_compute", "reward compute"),
+                        ("learner_compute", "update (slowest learner rank)"), ("weight_sync", "weight sync"),
+                        ("overhead", "overhead: everything else, weight sync included")):
+        rows.append(f"| {label} | " + " | ".join(f"{f[part + '_s']:.3f} ({f[part + '_s'] / f['step_s']:.0%})"
+                                                  for _, f in runs) + " |")
+    rows.append("| **step** | " + " | ".join(f"{f['step_s']:.3f}; overhead share (median of per-step shares) "
+                                               f"**{f['overhead_frac']:.0%}**" for _, f in runs) + " |")
+    return rows
+
+
+def render() -> str:
+    machine = next((p["machine"] for p in (load(n) for n in ("grpo_vs_trl_fp32", "rollout")) if p), None)
+    dates = sorted({p["date"] for p in (load(f.stem) for f in RESULTS.glob("*.json")) if p})
+    parts = []
+    if machine:
+        parts.append(f"Measured {dates[0]} to {dates[-1]} on: {machine['cpu']}, {machine['cores']} cores, "
+                     f"torch {machine['torch']}, Python {machine['python']}, OMP_NUM_THREADS="
+                     f"{machine['OMP_NUM_THREADS']}.")
+    for title, rows in (("GRPO iteration throughput vs TRL GRPOTrainer", grpo_rows()),
+                        ("GRPO peak RSS vs TRL", grpo_memory_rows()),
+                        ("DPO step throughput vs TRL DPOTrainer", dpo_rows()),
+                        ("Log-prob + entropy memory at V = 32k, B*T = 16k", memory_rows()),
+                        ("Rollout: vLLM vs transformers generate", rollout_rows()),
+                        ("Scaling of a GRPO iteration", scaling_rows()),
+                        ("Ray runtime overhead", ray_rows())):
+        if rows:
+            parts.append(f"#### {title}\n\n" + "\n".join(rows))
+    return "\n\n".join(parts)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--print", action="store_true", help="print the tables instead of rewriting the document")
+    args = parser.parse_args()
+    tables = render()
+    if args.print:
+        print(tables)
+        return
+    text = DOC.read_text()
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"{DOC} has no {BEGIN} ... {END} section to fill")
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    DOC.write_text(f"{head}{BEGIN}\n{tables}\n{END}{tail}")
+    print(f"updated {DOC}")
+
+
+if __name__ == "__main__":
+    main()
