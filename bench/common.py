@@ -68,6 +68,26 @@ def count_parameters(model: Any) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def describe_model(size: str) -> str:
+    model, _ = load_model(size)
+    return f"llama-{size} ({count_parameters(model) / 1e6:.1f}M parameters, vocabulary {model.config.vocab_size})"
+
+
+def versions() -> str:
+    """The versions a comparison depends on: TRL (when installed), transformers, torch."""
+    import importlib.util
+
+    import torch
+    import transformers
+
+    trl = ""
+    if importlib.util.find_spec("trl") is not None:
+        import trl as trl_module
+
+        trl = f"trl {trl_module.__version__}, "
+    return f"{trl}transformers {transformers.__version__}, torch {torch.__version__}"
+
+
 def arithmetic_prompts(count: int, seed: int = 0) -> tuple[list[str], list[str]]:
     """``count`` prompts like ``"12+35="`` and their answers (the project's arithmetic task)."""
     from align.data.tasks import build_task
@@ -110,6 +130,41 @@ class Stopwatch:
         """The time accumulated since the last call."""
         value, self.total = self.total, 0.0
         return value
+
+
+# -- side-by-side runs -------------------------------------------------------------------------------------------
+def interleave(run: Callable[[str], list[Any]], rounds: int, warmup: int,
+               describe: Callable[[list[Any]], str]) -> dict[str, list[Any]]:
+    """Run each side ``rounds`` times, alternating (ours, TRL, TRL, ours, ...) so that drifting machine load hits
+    both alike; returns each side's per-step measurements with the first ``warmup`` of every run dropped."""
+    measured: dict[str, list[Any]] = {"ours": [], "trl": []}
+    for r in range(rounds):
+        for name in ["ours", "trl"] if r % 2 == 0 else ["trl", "ours"]:
+            kept = run(name)[warmup:]
+            measured[name].extend(kept)
+            print(f"  round {r + 1}/{rounds} {name}: {describe(kept)}", flush=True)
+    return measured
+
+
+def step_end_clock(on_step: Callable[[float], None], on_begin: Callable[[], None] | None = None) -> Any:
+    """A transformers ``TrainerCallback`` that calls ``on_step(seconds since the previous step ended)`` at the end of
+    every optimiser step (the first interval starts when training begins, after ``on_begin``)."""
+    from transformers import TrainerCallback
+
+    class StepClock(TrainerCallback):  # type: ignore[misc]
+        last = 0.0
+
+        def on_train_begin(self, *args: Any, **kwargs: Any) -> None:
+            if on_begin is not None:
+                on_begin()
+            self.last = time.perf_counter()
+
+        def on_step_end(self, *args: Any, **kwargs: Any) -> None:
+            now = time.perf_counter()
+            on_step(now - self.last)
+            self.last = now
+
+    return StepClock()
 
 
 # -- memory ----------------------------------------------------------------------------------------------------

@@ -31,11 +31,14 @@ from bench.common import (
     Result,
     arithmetic_prompts,
     base_parser,
-    count_parameters,
+    describe_model,
+    interleave,
     iqr,
     load_model,
     median,
     set_threads,
+    step_end_clock,
+    versions,
     write_json,
 )
 
@@ -109,24 +112,12 @@ def run_ours(s: Settings, steps: int) -> list[float]:
 def run_trl(s: Settings, steps: int) -> list[float]:
     import torch
     from datasets import Dataset
-    from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
     torch.manual_seed(s.seed)
     model, tokenizer = load_model(s.size, s.attn)
     data = make_pairs(s, s.pairs_per_step * steps)
     times: list[float] = []
-
-    class Clock(TrainerCallback):
-        last = 0.0
-
-        def on_train_begin(self, *args: Any, **kwargs: Any) -> None:
-            Clock.last = time.perf_counter()
-
-        def on_step_end(self, *args: Any, **kwargs: Any) -> None:
-            now = time.perf_counter()
-            times.append(now - Clock.last)
-            Clock.last = now
 
     with tempfile.TemporaryDirectory() as out:
         args = DPOConfig(
@@ -139,7 +130,8 @@ def run_trl(s: Settings, steps: int) -> list[float]:
             dataloader_num_workers=0, max_length=None, precompute_ref_log_probs=False,
         )
         trainer = DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args,
-                             train_dataset=Dataset.from_dict(data), processing_class=tokenizer, callbacks=[Clock()])
+                             train_dataset=Dataset.from_dict(data), processing_class=tokenizer,
+                             callbacks=[step_end_clock(times.append)])
         trainer.train()
     return times
 
@@ -148,28 +140,19 @@ RUNNERS = {"ours": run_ours, "trl": run_trl}
 
 
 def throughput(s: Settings, rounds: int, steps: int, warmup: int) -> Result:
-    measured: dict[str, list[float]] = {"ours": [], "trl": []}
-    for r in range(rounds):
-        for name in (["ours", "trl"] if r % 2 == 0 else ["trl", "ours"]):
-            times = RUNNERS[name](s, warmup + steps)[warmup:]
-            measured[name].extend(times)
-            print(f"  round {r + 1}/{rounds} {name}: step {median(times):.3f}s", flush=True)
+    measured = interleave(lambda name: RUNNERS[name](s, warmup + steps), rounds, warmup,
+                          lambda kept: f"step {median(kept):.3f}s")
     figures: dict[str, Any] = {}
     for name, times in measured.items():
         figures[name] = {"step_s": median(times), "step_iqr": iqr(times),
                          "pairs_per_s": s.pairs_per_step / median(times), "steps_measured": len(times)}
     figures["ratio"] = figures["ours"]["pairs_per_s"] / figures["trl"]["pairs_per_s"]
     import torch
-    import transformers
-    import trl
 
-    model, _ = load_model(s.size)
-    settings = {"model": f"llama-{s.size} ({count_parameters(model) / 1e6:.1f}M parameters, char vocab 99)",
-                "pairs_per_step": s.pairs_per_step, "response_chars": s.response_chars, "lr": s.lr, "beta": 0.1,
-                "precision": s.precision, "attention": s.attn,
-                "torch_threads": torch.get_num_threads(), "rounds": rounds, "steps": steps, "warmup": warmup,
-                "versions": f"trl {trl.__version__}, transformers {transformers.__version__}, "
-                            f"torch {torch.__version__}"}
+    settings = {"model": describe_model(s.size), "pairs_per_step": s.pairs_per_step,
+                "response_chars": s.response_chars, "lr": s.lr, "beta": 0.1, "precision": s.precision,
+                "attention": s.attn, "torch_threads": torch.get_num_threads(), "rounds": rounds, "steps": steps,
+                "warmup": warmup, "versions": versions()}
     return Result("dpo_throughput_vs_trl", figures, settings)
 
 

@@ -40,7 +40,8 @@ from bench.common import (
     Stopwatch,
     arithmetic_prompts,
     base_parser,
-    count_parameters,
+    describe_model,
+    interleave,
     iqr,
     load_model,
     median,
@@ -49,6 +50,8 @@ from bench.common import (
     rss_bytes,
     set_threads,
     shaped_reward,
+    step_end_clock,
+    versions,
     write_json,
 )
 
@@ -128,7 +131,6 @@ def run_ours(s: Settings, steps: int, on_ready: Any = None) -> list[StepTime]:
 def run_trl(s: Settings, steps: int, on_ready: Any = None) -> list[StepTime]:
     import torch
     from datasets import Dataset
-    from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
     torch.manual_seed(s.seed)
@@ -141,19 +143,8 @@ def run_trl(s: Settings, steps: int, on_ready: Any = None) -> list[StepTime]:
         return shaped_reward(completions, answer)
 
     times: list[StepTime] = []
-
-    class Clock(TrainerCallback):
-        last = 0.0
-
-        def on_train_begin(self, *args: Any, **kwargs: Any) -> None:
-            if on_ready is not None:
-                on_ready()
-            Clock.last = time.perf_counter()
-
-        def on_step_end(self, *args: Any, **kwargs: Any) -> None:
-            now = time.perf_counter()
-            times.append(StepTime(now - Clock.last, gen_clock.take(), reward_clock.take()))
-            Clock.last = now
+    clock = step_end_clock(lambda seconds: times.append(StepTime(seconds, gen_clock.take(), reward_clock.take())),
+                           on_begin=on_ready)
 
     with tempfile.TemporaryDirectory() as out:
         args = GRPOConfig(
@@ -169,7 +160,7 @@ def run_trl(s: Settings, steps: int, on_ready: Any = None) -> list[StepTime]:
         )
         trainer = GRPOTrainer(model=model, reward_funcs=reward_clock.wrap(shaped), args=args,
                               train_dataset=Dataset.from_dict({"prompt": prompts, "answer": answers}),
-                              processing_class=tokenizer, callbacks=[Clock()])
+                              processing_class=tokenizer, callbacks=[clock])
         trainer.train()
     return times
 
@@ -179,14 +170,8 @@ RUNNERS = {"ours": run_ours, "trl": run_trl}
 
 # -- throughput ----------------------------------------------------------------------------------------------------
 def throughput(s: Settings, rounds: int, steps: int, warmup: int) -> Result:
-    measured: dict[str, list[StepTime]] = {"ours": [], "trl": []}
-    for r in range(rounds):
-        order = ["ours", "trl"] if r % 2 == 0 else ["trl", "ours"]
-        for name in order:
-            times = RUNNERS[name](s, warmup + steps)
-            measured[name].extend(times[warmup:])
-            print(f"  round {r + 1}/{rounds} {name}: iteration {median([t.iteration for t in times[warmup:]]):.3f}s",
-                  flush=True)
+    measured = interleave(lambda name: RUNNERS[name](s, warmup + steps), rounds, warmup,
+                          lambda kept: f"iteration {median([t.iteration for t in kept]):.3f}s")
     figures: dict[str, Any] = {}
     for name, times in measured.items():
         it = [t.iteration for t in times]
@@ -233,16 +218,11 @@ def memory(s: Settings, steps: int, args: Any) -> Result:
 
 def _settings(s: Settings, **extra: Any) -> dict[str, Any]:
     import torch
-    import transformers
-    import trl
 
-    model, _ = load_model(s.size)
-    return {"model": f"llama-{s.size} ({count_parameters(model) / 1e6:.1f}M parameters, char vocab 99)",
-            "prompts_per_step": s.prompts_per_step, "G": s.group_size, "completions_per_step": s.batch,
-            "max_new_tokens": s.max_new_tokens, "lr": s.lr, "precision": s.precision, "attention": s.attn,
-            "torch_threads": torch.get_num_threads(),
-            "versions": f"trl {trl.__version__}, transformers {transformers.__version__}, torch {torch.__version__}",
-            **extra}
+    return {"model": describe_model(s.size), "prompts_per_step": s.prompts_per_step, "G": s.group_size,
+            "completions_per_step": s.batch, "max_new_tokens": s.max_new_tokens, "lr": s.lr,
+            "precision": s.precision, "attention": s.attn, "torch_threads": torch.get_num_threads(),
+            "versions": versions(), **extra}
 
 
 def main() -> None:

@@ -24,11 +24,12 @@ from bench.common import (
     Result,
     arithmetic_prompts,
     base_parser,
-    count_parameters,
+    describe_model,
     load_model,
     median,
     model_path,
     set_threads,
+    versions,
     write_json,
 )
 
@@ -103,9 +104,8 @@ def main() -> None:
     if "hf" in figures and "vllm" in figures:
         figures["ratio_vllm_over_hf"] = {key: figures["vllm"][key]["tokens_per_s"] / figures["hf"][key]["tokens_per_s"]
                                          for key, value in figures["hf"].items() if isinstance(value, dict)}
-    model, _ = load_model(args.size)
     result = Result("rollout_throughput", figures,
-                    {"model": f"llama-{args.size} ({count_parameters(model) / 1e6:.1f}M parameters)",
+                    {"model": describe_model(args.size), "versions": versions(),
                      "dtype": "float32", "temperature": 1.0, "repeats": args.repeats,
                      "note": "batch_exponent: slope of log(tokens/s) vs log(batch); 1 = perfect batching"})
     result.show()

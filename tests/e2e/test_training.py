@@ -125,7 +125,7 @@ def test_mixed_precision_is_refused_on_ray_with_the_fix_in_the_message(tmp_path:
     from align.config import RecipeError
 
     recipe = tiny_recipe(tmp_path, learner={"mixed_precision": "bf16"}, runtime={"backend": "ray"})
-    with pytest.raises(RecipeError, match="model.dtype: bfloat16"):
+    with pytest.raises(RecipeError, match=r"model\.dtype: bfloat16"):
         api.resolve_recipe(recipe)
 
 
