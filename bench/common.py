@@ -34,9 +34,18 @@ def cache_dir() -> Path:
 
 
 def model_path(size: str) -> Path:
-    """A saved causal LM + tokenizer of the given size (built once, then reused by every script and process)."""
+    """A saved causal LM + tokenizer of the given size (built once, then reused by every script and process).
+
+    ``quickstart`` is the quickstart's warm-started base model (~1M parameters, SFT on 2-digit addition to about
+    50% accuracy, built by ``align sft recipes/quickstart.yaml`` and cached): a policy that is partly right, as in
+    real RL, where a binary reward leaves some groups all right or all wrong."""
+    if size == "quickstart":
+        from align.api import prepare_base_model, resolve_recipe
+
+        root = Path(__file__).resolve().parent.parent
+        return Path(prepare_base_model(resolve_recipe(root / "recipes" / "quickstart.yaml"), lambda line: None))
     if size not in SIZES:
-        raise SystemExit(f"unknown model size {size!r}; choose one of: {', '.join(SIZES)}")
+        raise SystemExit(f"unknown model size {size!r}; choose one of: {', '.join([*SIZES, 'quickstart'])}")
     path = cache_dir() / f"llama-{size}"
     if (path / "config.json").exists():
         return path
@@ -94,6 +103,11 @@ def arithmetic_prompts(count: int, seed: int = 0) -> tuple[list[str], list[str]]
 
     data = build_task("arithmetic", train_size=count, eval_size=16, seed=seed)["train"]
     return list(data["prompt"]), list(data["answer"])
+
+
+def exact_reward(completions: Sequence[str], answers: Sequence[str]) -> list[float]:
+    """The binary verifiable reward of the quickstart: 1 for the exact answer, else 0."""
+    return [float(text.strip() == answer) for text, answer in zip(completions, answers, strict=True)]
 
 
 def shaped_reward(completions: Sequence[str], answers: Sequence[str]) -> list[float]:

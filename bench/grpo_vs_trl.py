@@ -41,6 +41,7 @@ from bench.common import (
     arithmetic_prompts,
     base_parser,
     describe_model,
+    exact_reward,
     interleave,
     iqr,
     load_model,
@@ -64,6 +65,7 @@ class Settings:
     max_new_tokens: int
     lr: float
     attn: str = "sdpa"  # transformers attention kernel, the same for both sides
+    reward: str = "shaped"  # "shaped" (dense) or "exact" (binary), the same plain function for both sides
     precision: str = "no"  # "bf16": bf16 autocast on both sides (TRL's bf16=True, our learner.mixed_precision)
     seed: int = 0
 
@@ -77,6 +79,7 @@ class StepTime:
     iteration: float
     generate: float
     reward: float
+    skipped_rows: float = 0.0  # ours: the share of rows whose group was inert (all advantages exactly 0)
 
     @property
     def update(self) -> float:
@@ -101,7 +104,7 @@ def run_ours(s: Settings, steps: int, on_ready: Any = None) -> list[StepTime]:
     model.generate = gen_clock.wrap(model.generate)
 
     def score(rollout: Any, step: int) -> RewardResult:
-        values = torch.tensor(shaped_reward(rollout.completions, rollout.columns["answer"]), dtype=torch.float64)
+        values = torch.tensor(REWARDS[s.reward](rollout.completions, rollout.columns["answer"]), dtype=torch.float64)
         return RewardResult(rewards=values, valid=torch.ones(len(values), dtype=torch.bool),
                             per_reward={"shaped": values}, metrics={})
 
@@ -120,9 +123,10 @@ def run_ours(s: Settings, steps: int, on_ready: Any = None) -> list[StepTime]:
     times = []
     last = time.perf_counter()
     for step in range(1, steps + 1):
-        trainer.step(step)
+        out = trainer.step(step)
         now = time.perf_counter()
-        times.append(StepTime(now - last, gen_clock.take(), reward_clock.take()))
+        times.append(StepTime(now - last, gen_clock.take(), reward_clock.take(),
+                              out.metrics.get("update/skipped_rows_frac", 0.0)))
         last = now
     return times
 
@@ -139,8 +143,8 @@ def run_trl(s: Settings, steps: int, on_ready: Any = None) -> list[StepTime]:
     gen_clock, reward_clock = Stopwatch(), Stopwatch()
     model.generate = gen_clock.wrap(model.generate)
 
-    def shaped(prompts: list[str], completions: list[str], answer: list[str], **_: Any) -> list[float]:
-        return shaped_reward(completions, answer)
+    def reward(prompts: list[str], completions: list[str], answer: list[str], **_: Any) -> list[float]:
+        return REWARDS[s.reward](completions, answer)
 
     times: list[StepTime] = []
     clock = step_end_clock(lambda seconds: times.append(StepTime(seconds, gen_clock.take(), reward_clock.take())),
@@ -158,7 +162,7 @@ def run_trl(s: Settings, steps: int, on_ready: Any = None) -> list[StepTime]:
             logging_steps=10**6, save_strategy="no", report_to="none", disable_tqdm=True, seed=s.seed,
             dataloader_num_workers=0, log_completions=False,
         )
-        trainer = GRPOTrainer(model=model, reward_funcs=reward_clock.wrap(shaped), args=args,
+        trainer = GRPOTrainer(model=model, reward_funcs=reward_clock.wrap(reward), args=args,
                               train_dataset=Dataset.from_dict({"prompt": prompts, "answer": answers}),
                               processing_class=tokenizer, callbacks=[clock])
         trainer.train()
@@ -166,6 +170,7 @@ def run_trl(s: Settings, steps: int, on_ready: Any = None) -> list[StepTime]:
 
 
 RUNNERS = {"ours": run_ours, "trl": run_trl}
+REWARDS = {"shaped": shaped_reward, "exact": exact_reward}
 
 
 # -- throughput ----------------------------------------------------------------------------------------------------
@@ -182,6 +187,8 @@ def throughput(s: Settings, rounds: int, steps: int, warmup: int) -> Result:
             "completions_per_s": s.batch / median(it), "update_completions_per_s": s.batch / median(up),
             "steps_measured": len(times),
         }
+        if name == "ours":
+            figures[name]["skipped_rows_frac"] = sum(t.skipped_rows for t in times) / max(len(times), 1)
     figures["ratio_iteration"] = figures["ours"]["completions_per_s"] / figures["trl"]["completions_per_s"]
     figures["ratio_update"] = figures["ours"]["update_completions_per_s"] / figures["trl"]["update_completions_per_s"]
     return Result("grpo_throughput_vs_trl", figures, _settings(s, rounds=rounds, steps=steps, warmup=warmup))
@@ -206,7 +213,7 @@ def memory(s: Settings, steps: int, args: Any) -> Result:
     for name in ("ours", "trl"):
         cmd = [sys.executable, __file__, "--child-memory", name, "--size", s.size, "--prompts", str(s.prompts_per_step),
                "--group-size", str(s.group_size), "--max-new-tokens", str(s.max_new_tokens), "--steps", str(steps),
-               "--precision", s.precision, "--attn", s.attn]
+               "--precision", s.precision, "--attn", s.attn, "--reward", s.reward]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
@@ -221,7 +228,8 @@ def _settings(s: Settings, **extra: Any) -> dict[str, Any]:
 
     return {"model": describe_model(s.size), "prompts_per_step": s.prompts_per_step, "G": s.group_size,
             "completions_per_step": s.batch, "max_new_tokens": s.max_new_tokens, "lr": s.lr,
-            "precision": s.precision, "attention": s.attn, "torch_threads": torch.get_num_threads(),
+            "precision": s.precision, "attention": s.attn, "reward": s.reward,
+            "torch_threads": torch.get_num_threads(),
             "versions": versions(), **extra}
 
 
@@ -235,6 +243,8 @@ def main() -> None:
     parser.add_argument("--precision", choices=["no", "bf16"], default="no",
                         help="bf16: bf16 autocast on both sides (TRL's default bf16=True)")
     parser.add_argument("--attn", choices=["sdpa", "eager"], default="sdpa", help="attention kernel (both sides)")
+    parser.add_argument("--reward", choices=["shaped", "exact"], default="shaped",
+                        help="shaped: dense digit-share reward; exact: binary exact match (use with --size quickstart)")
     parser.add_argument("--rounds", type=int, default=4, help="alternating runs per trainer")
     parser.add_argument("--steps", type=int, default=4, help="measured steps per run")
     parser.add_argument("--warmup", type=int, default=1, help="discarded steps per run")
@@ -243,7 +253,8 @@ def main() -> None:
     parser.add_argument("--child-memory", choices=sorted(RUNNERS), help=argparse_hidden())
     args = parser.parse_args()
     set_threads(args.threads)
-    s = Settings(args.size, args.prompts, args.group_size, args.max_new_tokens, args.lr, args.attn, args.precision)
+    s = Settings(args.size, args.prompts, args.group_size, args.max_new_tokens, args.lr, args.attn, args.reward,
+                 args.precision)
     if args.child_memory:
         print(json.dumps(child_memory(args.child_memory, s, args.steps)))
         return

@@ -10,6 +10,8 @@ mkdir -p "$OUT"
 $PY bench/grpo_vs_trl.py --memory --json "$OUT/grpo_vs_trl_fp32.json"
 $PY bench/grpo_vs_trl.py --precision bf16 --attn eager --memory --json "$OUT/grpo_vs_trl_bf16.json"
 $PY bench/grpo_vs_trl.py --precision bf16 --attn eager --threads 2 --json "$OUT/grpo_vs_trl_bf16_2threads.json"
+$PY bench/grpo_vs_trl.py --size quickstart --reward exact --prompts 16 --max-new-tokens 6 --lr 2e-4 \
+    --json "$OUT/grpo_vs_trl_quickstart.json"
 $PY bench/dpo_vs_trl.py --json "$OUT/dpo_vs_trl_fp32.json"
 $PY bench/dpo_vs_trl.py --precision bf16 --attn eager --json "$OUT/dpo_vs_trl_bf16.json"
 $PY bench/memory_logprobs.py --json "$OUT/memory_logprobs.json"
