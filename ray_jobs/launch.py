@@ -451,6 +451,8 @@ def _step(step: int, cluster: Cluster, spec: AlgorithmSpec, recipe: Recipe, roll
     for key in sorted({k for s in stats for k in s}):
         if key in ("loss", "pg_loss", "kl"):
             metrics[key] = sum(s[key] for s in stats)
+        elif key == "update/skipped_rows_frac":  # a share of rows, not of tokens
+            metrics[key] = sum(s[key] * len(rows) for s, rows in zip(stats, shards, strict=True)) / len(batch)
         else:
             metrics[key] = sum(s.get(key, 0.0) * t for s, t in zip(stats, tokens, strict=True)) / max(sum(tokens), 1.0)
     sync_start = time.perf_counter()

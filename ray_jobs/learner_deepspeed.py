@@ -18,7 +18,7 @@ from torch import Tensor
 
 from align.algorithms import AlgorithmSpec
 from align.losses import PolicyInputs, StepNormalizer
-from align.objective import policy_step_loss
+from align.objective import policy_step_loss, zero_advantage_is_inert
 from align.trainers.sequences import response_forward
 
 SHARD_KEYS = ("prompt_ids", "prompt_mask", "completion_ids", "mask", "logp", "advantages", "group_ids")
@@ -102,22 +102,47 @@ class DeepSpeedLearner:
             tokens = mask.sum().clamp(min=1)
             extra = {"is/weight_mean": float((weight * mask).sum() / tokens),
                      "is/truncated_frac": float((truncated.float() * mask).sum() / tokens)}
-        local = StepNormalizer.from_masks(mask)
+        local = StepNormalizer.from_masks(mask)  # over all rows: skipped rows still count in the step's counts
         normalizer = local.all_reduce() if dist.is_initialized() else local
+        rows, scale = self._active_rows(shard)
+        part = {k: v[rows] for k, v in shard.items()}
+        mask = part["mask"]
         self.engine.train()
-        logp, entropy, _ = response_forward(self.engine, shard["prompt_ids"], shard["prompt_mask"],
-                                            shard["completion_ids"], mask, temperature=self.config.temperature,
+        logp, entropy, _ = response_forward(self.engine, part["prompt_ids"], part["prompt_mask"],
+                                            part["completion_ids"], mask, temperature=self.config.temperature,
                                             with_entropy=True)
-        inputs = PolicyInputs(logp=logp, old_logp=shard["logp"], advantages=shard["advantages"], mask=mask,
-                              token_ids=shard["completion_ids"], group_ids=shard["group_ids"], entropy=entropy)
-        loss, stats = policy_step_loss(self.spec, inputs, normalizer, ref_logp=ref_logp)
-        self.engine.backward(loss * self.world_size)  # DeepSpeed averages over ranks; the shares must add up
+        inputs = PolicyInputs(logp=logp, old_logp=part["logp"], advantages=part["advantages"], mask=mask,
+                              token_ids=part["completion_ids"], group_ids=part["group_ids"], entropy=entropy)
+        loss, stats = policy_step_loss(self.spec, inputs, normalizer,
+                                       ref_logp=None if ref_logp is None else ref_logp[rows])
+        # DeepSpeed averages over ranks, so the shares are multiplied by the world size to add up
+        self.engine.backward(loss * (self.world_size * scale))
         self.engine.step()
         self.version += 1
         out = {**{k: float(v) for k, v in stats.items()}, **extra}
-        out["logprob_gap/rollout_vs_learner"] = float(((logp.detach() - shard["logp"]).abs() * mask).sum()
+        out["logprob_gap/rollout_vs_learner"] = float(((logp.detach() - part["logp"]).abs() * mask).sum()
                                                       / mask.sum().clamp(min=1))
+        out["update/skipped_rows_frac"] = 1.0 - (len(rows) * scale) / max(len(shard["mask"]), 1)
+        if scale == 0.0:
+            out.update(loss=0.0, pg_loss=0.0)
         return out
+
+    def _active_rows(self, shard: dict[str, Tensor]) -> tuple[Tensor, float]:
+        """Row indices that can move the gradient, and the loss scale. As in the local trainer, whole groups whose
+        advantages are all exactly 0 are skipped when the objective is inert there. A rank left with no active row
+        still runs one row with its loss scaled by 0: DeepSpeed's gradient reduction needs every rank's backward."""
+        every = torch.arange(len(shard["mask"]))
+        if not zero_advantage_is_inert(self.spec):
+            return every, 1.0
+        nonzero = ((shard["advantages"] != 0) & (shard["mask"] != 0)).any(-1)  # (B,)
+        groups = shard["group_ids"]
+        live = torch.zeros_like(nonzero)
+        for g in groups.unique():
+            members = groups == g
+            live |= members & bool(nonzero[members].any())
+        if not bool(live.any()):
+            return every[:1], 0.0
+        return every[live], 1.0
 
     @torch.no_grad()
     def logprobs(self, shard: dict[str, Tensor]) -> Tensor:

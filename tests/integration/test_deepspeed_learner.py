@@ -24,7 +24,7 @@ from align.trainers.sequences import response_forward  # noqa: E402
 SPEC = PRESETS.get("dapo")
 
 
-def _batch(model_dir: Path) -> dict[str, torch.Tensor]:
+def _batch(model_dir: Path, inert: bool = False) -> dict[str, torch.Tensor]:
     from transformers import AutoModelForCausalLM
 
     tokenizer = build_char_tokenizer()
@@ -34,13 +34,16 @@ def _batch(model_dir: Path) -> dict[str, torch.Tensor]:
                                                          params=SamplingParams(max_new_tokens=5))
     rewards = torch.tensor([float(len(c) % 3) for c in rollout.completions])
     rewards[::4] += 1.0  # every group has reward spread
+    if inert:  # groups 1-3 get one reward each: all their advantages are 0, and rank 1 (groups 2-3) has no other
+        rewards[4:] = 1.0
     advantages = F.advantages("grpo", rewards=rewards, mask=rollout.mask, group_ids=rollout.group_ids)
     return {"prompt_ids": rollout.prompt_ids, "prompt_mask": rollout.prompt_mask,
             "completion_ids": rollout.completion_ids, "mask": rollout.mask, "logp": rollout.logp,
             "advantages": advantages, "group_ids": rollout.group_ids}
 
 
-def _rank(rank: int, port: int, model_dir: str, batch: dict, out: dict, optimizer: str, stage: int) -> None:
+def _rank(rank: int, port: int, model_dir: str, batch: dict, out: dict, optimizer: str, stage: int,
+          inert: bool) -> None:
     from transformers import AutoModelForCausalLM
 
     from ray_jobs.learner_deepspeed import DeepSpeedLearner, LearnerConfig, shard_rows, take
@@ -51,18 +54,21 @@ def _rank(rank: int, port: int, model_dir: str, batch: dict, out: dict, optimize
     learner = DeepSpeedLearner(model, SPEC, config, rank=rank, world_size=2, master_port=port)
     rows = shard_rows(batch["group_ids"], 2)[rank]
     stats = learner.step(take(batch, rows))
+    assert stats["update/skipped_rows_frac"] == (0.0 if not inert else 0.5 if rank == 0 else 1.0)
     out[rank] = (stats["loss"], learner.parameters_snapshot())
 
 
-@pytest.mark.parametrize(("optimizer", "stage"), [("sgd", 2), ("adamw", 2), ("adamw", 3)])
-def test_two_zero_ranks_match_the_local_step(tmp_path: Path, optimizer: str, stage: int) -> None:
+@pytest.mark.parametrize(("optimizer", "stage", "inert"),
+                         [("sgd", 2, False), ("adamw", 2, False), ("adamw", 3, False), ("sgd", 2, True)])
+def test_two_zero_ranks_match_the_local_step(tmp_path: Path, optimizer: str, stage: int, inert: bool) -> None:
     """SGD with lr 1: the parameter change is minus the (clipped) gradient, so this compares gradients at 1e-5;
-    AdamW: the whole optimiser step."""
+    AdamW: the whole optimiser step. ``inert``: groups with all-zero advantages are skipped by the ranks (one rank
+    has nothing else) and the step still equals the local one over every row."""
     tokenizer = build_char_tokenizer()
     model = build_tiny_causal_lm(len(tokenizer), TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2,
                                                                  intermediate_size=64, seed=4))
     model.save_pretrained(tmp_path)
-    batch = _batch(tmp_path)
+    batch = _batch(tmp_path, inert)
 
     from transformers import AutoModelForCausalLM
 
@@ -83,7 +89,7 @@ def test_two_zero_ranks_match_the_local_step(tmp_path: Path, optimizer: str, sta
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = mp.Manager().dict()
-    mp.spawn(_rank, args=(port, str(tmp_path), batch, out, optimizer, stage), nprocs=2, join=True)
+    mp.spawn(_rank, args=(port, str(tmp_path), batch, out, optimizer, stage, inert), nprocs=2, join=True)
     assert abs(out[0][0] + out[1][0] - float(loss)) < 1e-5  # the rank shares add up to the whole loss
     moved = 0.0
     for name, expected in local.named_parameters():
