@@ -144,7 +144,8 @@ class LearnerSection(_Section):
     micro_batch_size: int = Field(64, ge=1)
     steps: int = Field(100, ge=1)
     updates_per_batch: int = Field(1, ge=1)  # > 1 makes later updates off-policy (ratios leave 1)
-    # "bf16": forward passes under bf16 autocast, fp32 weights/optimiser/losses (local runtime)
+    # "bf16": forward passes (sampling, updates, reference) under bf16 autocast, fp32 weights/optimiser/losses
+    # (local runtime; the SFT warm start and credit modules' auxiliary models run in fp32)
     mixed_precision: Literal["no", "bf16"] = "no"
     beta: float | None = None  # preference losses: shorthand for algorithm.overrides.preference_kwargs.beta
 

@@ -6,7 +6,8 @@ after an LM head. Each variant runs in a fresh process; the kernel's resident hi
 logits are allocated and touched, so the figure is the extra memory the computation needed on top of them. Both the
 forward alone (log-probs + entropy: what a rollout or reference pass costs) and forward + backward of the log-probs
 (a training step) are measured. A backward normally returns a logits-sized gradient buffer; the variant
-``chunked_grad_in_logits`` writes it into the logits' own memory instead, as ``response_forward`` does in training.
+``chunked_grad_in_logits`` writes it into the logits' own memory instead, as ``response_forward`` does in training
+(on the LM head's output for the completion positions, which it scores whole rather than through a slice).
 
     python bench/memory_logprobs.py                           # V=32000, B*T=16384, fp32 and bf16 logits
     python bench/memory_logprobs.py --vocab 1000 --tokens 512 # smoke test

@@ -426,10 +426,12 @@ def _step(step: int, cluster: Cluster, spec: AlgorithmSpec, recipe: Recipe, roll
     shards = shard_rows(batch.group_ids, len(cluster.learners))
     plain = _batch(batch, torch.zeros_like(batch.mask))
     ref_logp = None
-    reference_start = time.perf_counter()
+    reference_time = 0.0
     if spec.kl is not None:  # no round trip to the learners when nothing reads a reference
+        reference_start = time.perf_counter()
         ref_parts = ray.get([learner.ref_logprobs.remote(take(plain, rows))
                              for learner, rows in zip(cluster.learners, shards, strict=True)])
+        reference_time = time.perf_counter() - reference_start
         ref_logp = torch.zeros_like(batch.mask)
         for rows, part in zip(shards, ref_parts, strict=True):
             ref_logp[rows] = part
@@ -437,7 +439,6 @@ def _step(step: int, cluster: Cluster, spec: AlgorithmSpec, recipe: Recipe, roll
     metrics.update(extra)
     if cluster.credit is not None:
         metrics["credit/aux_model_actors"] = float(len(cluster.aux_actors))
-    reference_time = time.perf_counter() - reference_start
     full = _batch(batch, advantages)
     in_loss = spec.kl is not None and spec.kl_placement == "loss"
     update_start = time.perf_counter()
@@ -447,7 +448,9 @@ def _step(step: int, cluster: Cluster, spec: AlgorithmSpec, recipe: Recipe, roll
                      for learner, rows in zip(cluster.learners, shards, strict=True)])
     update_time = time.perf_counter() - update_start
     learner_compute = max(s.pop("time/learner_compute", 0.0) for s in stats)  # ranks run in parallel
-    tokens = [float(batch.mask[rows].sum()) for rows in shards]
+    # per-token stats are weighted by the tokens each rank put through the model (skipped groups excluded)
+    tokens = [s.pop("update/active_tokens", float(batch.mask[rows].sum())) for s, rows in zip(stats, shards,
+                                                                                             strict=True)]
     for key in sorted({k for s in stats for k in s}):
         if key in ("loss", "pg_loss", "kl"):
             metrics[key] = sum(s[key] for s in stats)
@@ -473,10 +476,12 @@ def step_timings(*, total: float, rollout_wait: float, generate: float, reward: 
     """Where a Ray step's wall time went. The work is generation (inside the rollout worker), reward compute (the
     slowest reward worker) and the update (the slowest learner rank: forward, backward, all-reduce, optimiser);
     everything else (Ray dispatch and object transfer, serialisation, the driver's advantage estimation, weight
-    sync) is overhead. With ``runtime.overlap`` generation runs during the previous step, so only the part the
-    driver waited for counts (``min(wait, generate)``)."""
+    sync) is overhead. The reference forward (with a KL term) counts as work, measured from the driver (its Ray
+    round trip included). With ``runtime.overlap`` generation runs during the previous step, so only the part the
+    driver waited for counts (``min(wait, generate)``); the weight sync then also waits for the in-flight
+    generation on the same worker, which shows as sync and overhead."""
     visible_generate = min(rollout_wait, generate)
-    work = visible_generate + reward_compute + learner_compute
+    work = visible_generate + reward_compute + learner_compute + reference
     return {"time/step": total, "time/rollout": rollout_wait, "time/generate": generate, "time/reward": reward,
             "time/reward_compute": reward_compute, "time/reference": reference, "time/update": update,
             "time/learner_compute": learner_compute, "time/weight_sync": sync,

@@ -123,8 +123,10 @@ class DeepSpeedLearner:
         out["logprob_gap/rollout_vs_learner"] = float(((logp.detach() - part["logp"]).abs() * mask).sum()
                                                       / mask.sum().clamp(min=1))
         out["update/skipped_rows_frac"] = 1.0 - (len(rows) * scale) / max(len(shard["mask"]), 1)
-        if scale == 0.0:
-            out.update(loss=0.0, pg_loss=0.0)
+        out["update/active_tokens"] = float(mask.sum()) * scale  # the driver weights per-token stats by this
+        if scale == 0.0:  # the stand-in row's stats describe nothing: report only what is exact
+            out = {"loss": 0.0, "pg_loss": 0.0, **extra, "update/skipped_rows_frac": 1.0,
+                   "update/active_tokens": 0.0}
         return out
 
     def _active_rows(self, shard: dict[str, Tensor]) -> tuple[Tensor, float]:

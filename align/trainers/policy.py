@@ -211,8 +211,9 @@ class PolicyTrainer:
             self.optimizer.step()
         self.scheduler.step()
         metrics = {"loss": 0.0, "pg_loss": 0.0, **sums, **weighted}  # inert rows add exactly 0 to the loss
-        metrics["logprob_gap/rollout_vs_learner"] = gap_sum / max(tokens, 1.0)
-        metrics["entropy"] = entropy_sum / max(tokens, 1.0)
+        if tokens > 0:  # with every row skipped there is nothing to report (0 would read as entropy collapse)
+            metrics["logprob_gap/rollout_vs_learner"] = gap_sum / tokens
+            metrics["entropy"] = entropy_sum / tokens
         metrics["grad_norm"] = grad_norm
         metrics["update/skipped_rows_frac"] = 1.0 - float(active.float().mean())
         metrics["lr"] = float(self.optimizer.param_groups[0]["lr"])

@@ -67,7 +67,8 @@ def response_forward(
 
     Only the T + 1 last positions go through the LM head (``logits_to_keep``): prompt positions predict nothing
     we score, and for a large vocabulary their logits would dominate compute and memory. Unless the logits are
-    returned, the log-prob backward writes its gradient into the logits' memory (nothing else reads them).
+    returned, the log-prob backward writes its gradient into the logits' memory (nothing else reads them), so
+    the logits and their gradient share one buffer.
     """
     t = completion_ids.shape[1]
     input_ids = torch.cat([prompt_ids, completion_ids], 1)
@@ -75,8 +76,14 @@ def response_forward(
     positions = (attention.cumsum(-1) - 1).clamp(min=0)
     logits = _last_logits(model, input_ids, attention, positions, keep=t + 1)  # (B, >= T+1, V)
     predicting = logits[:, -(t + 1) : -1]  # (B, T, V): position p-1+s predicts completion token s
-    logp = selective_log_softmax(predicting, completion_ids, temperature=temperature,
-                                 grad_in_logits=not return_logits and logits.requires_grad)
+    if logits.shape[1] == t + 1 and not return_logits and logits.requires_grad:
+        # Score all T+1 kept positions (the last one against a dummy id, then dropped) rather than the slice: the
+        # backward of a slice would allocate a fresh logits-sized gradient, while this writes the gradient into
+        # the logits' own memory (nothing reads them after the backward; the entropy below is taken before it).
+        padded = torch.cat([completion_ids, completion_ids.new_zeros(completion_ids.shape[0], 1)], 1)
+        logp = selective_log_softmax(logits, padded, temperature=temperature, grad_in_logits=True)[:, :t]
+    else:
+        logp = selective_log_softmax(predicting, completion_ids, temperature=temperature)
     entropy = None
     if with_entropy:
         with torch.no_grad():

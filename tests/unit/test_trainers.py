@@ -72,6 +72,18 @@ def test_response_forward_scores_only_the_completion_positions_and_its_gradients
         (logp * mask).sum().backward()
         results.append((logp.detach(), entropy, [p.grad.clone() for p in model.parameters()]))
     (a, ea, ga), (b, eb, gb) = results
+    # the gradient reaching the LM head's output is written into that output's own memory (no second buffer)
+    seen: dict[str, int] = {}
+
+    def capture(module, args, output):
+        seen["logits"] = output.data_ptr()
+        output.register_hook(lambda grad: seen.__setitem__("grad", grad.data_ptr()))
+
+    handle = model.lm_head.register_forward_hook(capture)
+    logp, _, _ = response_forward(model, prompt_ids, prompt_mask, completion_ids, mask)
+    (logp * mask).sum().backward()
+    handle.remove()
+    assert seen["grad"] == seen["logits"]
     torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(ea, eb, atol=1e-6, rtol=1e-6)
     for x, y in zip(ga, gb, strict=True):
