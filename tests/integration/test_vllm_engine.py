@@ -61,7 +61,8 @@ def test_grpo_runs_with_the_vllm_engine(tmp_path: Path) -> None:
         "data": {"task": "arithmetic", "task_options": {"digits": 1}, "eval_size": 10, "train_size": 90},
         "rollout": {"engine": "vllm", "samples_per_prompt": 4, "prompts_per_step": 4, "max_new_tokens": 4,
                     "engine_options": {"max_model_len": 64, "kv_cache_bytes": 64 * 2**20}},
-        "algorithm": {"preset": "dapo", "overrides": {"drop_uniform_groups": False}},
+        # grpo keeps its k3 KL in the loss: no group is ever inert (skipped), so every step measures the gap
+        "algorithm": {"preset": "grpo"},
         "rewards": [{"name": "repetition_penalty", "options": {"ngram": 1}}],
         "learner": {"lr": 1e-3, "steps": 3},
         "logging": {"dir": str(tmp_path / "runs"), "tensorboard": False, "progress": False},
