@@ -86,6 +86,19 @@ class StepTime:
         return self.iteration - self.generate - self.reward
 
 
+def _common_setup(s: Settings) -> tuple[Any, Any, list[str], list[str], Stopwatch, Stopwatch]:
+    """What both sides start from: the seeded model and tokenizer, the prompts, and the two stopwatches, the
+    generation one already wrapped around ``model.generate``."""
+    import torch
+
+    torch.manual_seed(s.seed)
+    model, tokenizer = load_model(s.size, s.attn)
+    prompts, answers = arithmetic_prompts(256, s.seed)
+    gen_clock, reward_clock = Stopwatch(), Stopwatch()
+    model.generate = gen_clock.wrap(model.generate)
+    return model, tokenizer, prompts, answers, gen_clock, reward_clock
+
+
 # -- this toolkit ------------------------------------------------------------------------------------------------
 def run_ours(s: Settings, steps: int, on_ready: Any = None) -> list[StepTime]:
     import torch
@@ -97,11 +110,7 @@ def run_ours(s: Settings, steps: int, on_ready: Any = None) -> list[StepTime]:
     from align.trainers.rollout_hf import HFRolloutEngine
     from align.trainers.sampler import PromptSampler
 
-    torch.manual_seed(s.seed)
-    model, tokenizer = load_model(s.size, s.attn)
-    prompts, answers = arithmetic_prompts(256, s.seed)
-    gen_clock, reward_clock = Stopwatch(), Stopwatch()
-    model.generate = gen_clock.wrap(model.generate)
+    model, tokenizer, prompts, answers, gen_clock, reward_clock = _common_setup(s)
 
     def score(rollout: Any, step: int) -> RewardResult:
         values = torch.tensor(REWARDS[s.reward](rollout.completions, rollout.columns["answer"]), dtype=torch.float64)
@@ -133,15 +142,10 @@ def run_ours(s: Settings, steps: int, on_ready: Any = None) -> list[StepTime]:
 
 # -- TRL ---------------------------------------------------------------------------------------------------------
 def run_trl(s: Settings, steps: int, on_ready: Any = None) -> list[StepTime]:
-    import torch
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
-    torch.manual_seed(s.seed)
-    model, tokenizer = load_model(s.size, s.attn)
-    prompts, answers = arithmetic_prompts(256, s.seed)
-    gen_clock, reward_clock = Stopwatch(), Stopwatch()
-    model.generate = gen_clock.wrap(model.generate)
+    model, tokenizer, prompts, answers, gen_clock, reward_clock = _common_setup(s)
 
     def reward(prompts: list[str], completions: list[str], answer: list[str], **_: Any) -> list[float]:
         return REWARDS[s.reward](completions, answer)
