@@ -7,6 +7,7 @@ their gradients to the step's gradient, however the step is split over micro-bat
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from align.algorithms import AlgorithmSpec
@@ -55,6 +56,21 @@ def zero_advantage_is_inert(spec: AlgorithmSpec) -> bool:
         return False
     kl_in_loss = spec.kl is not None and spec.kl_placement == "loss"
     return not kl_in_loss and bool(POLICY_LOSSES.info(spec.policy_loss).get("inert_at_zero_advantage"))
+
+
+def active_rows(spec: AlgorithmSpec, advantages: Tensor, mask: Tensor, group_ids: Tensor) -> Tensor:
+    """(B,) bool: rows whose forward and backward can change the step's gradient.
+
+    When :func:`zero_advantage_is_inert` holds, whole groups whose advantages are all exactly 0 (every sample got
+    the same reward, so group-baseline estimators give 0) are False: skipping them leaves the gradient unchanged.
+    Whole groups only, so group-wise loss terms never see a partial group. advantages, mask: (B, T); group_ids: (B,).
+    """
+    if not zero_advantage_is_inert(spec) or len(group_ids) == 0:
+        return torch.ones(len(group_ids), dtype=torch.bool)
+    moves = ((advantages != 0) & (mask != 0)).any(-1)  # (B,)
+    _, group = group_ids.unique(return_inverse=True)
+    live = torch.zeros(int(group.max()) + 1).index_add_(0, group, moves.float()) > 0  # (G,)
+    return live[group]
 
 
 def policy_step_loss(

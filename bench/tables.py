@@ -31,6 +31,12 @@ def first(payload: dict[str, Any] | None, result: str) -> dict[str, Any] | None:
     return next((r for r in payload["results"] if r["name"] == result), None)
 
 
+def runs(result: str, files: tuple[tuple[str, str], ...]) -> list[tuple[str, dict[str, Any]]]:
+    """(label, figures) of ``result`` in each (file name, label) that has been measured."""
+    found = [(label, first(load(name), result)) for name, label in files]
+    return [(label, r["figures"]) for label, r in found if r is not None]
+
+
 def verdict(value: float, goal: float, higher_is_better: bool = True) -> str:
     ok = value >= goal if higher_is_better else value <= goal
     return f"{'met' if ok else 'missed'} (goal {'>=' if higher_is_better else '<='} {goal:g}x)"
@@ -40,15 +46,11 @@ def grpo_rows() -> list[str]:
     rows = ["| setting | ours iteration (s) | TRL iteration (s) | ours generate / update (s) | "
             "TRL generate / update (s) | completions/s ours / TRL | iteration ratio | update ratio |",
             "|---|---|---|---|---|---|---|---|"]
-    for name, label in (("grpo_vs_trl_fp32", "fp32, sdpa, 1 thread"),
-                        ("grpo_vs_trl_bf16", "bf16 autocast, eager, 1 thread"),
-                        ("grpo_vs_trl_bf16_2threads", "bf16 autocast, eager, 2 threads"),
-                        ("grpo_vs_trl_quickstart", "quickstart workload: 1M-parameter warm-started model, binary "
-                                                   "reward, 16 prompts x 8, 6 new tokens, fp32")):
-        r = first(load(name), "grpo_throughput_vs_trl")
-        if r is None:
-            continue
-        f = r["figures"]
+    for label, f in runs("grpo_throughput_vs_trl", (
+            ("grpo_vs_trl_fp32", "fp32, sdpa, 1 thread"), ("grpo_vs_trl_bf16", "bf16 autocast, eager, 1 thread"),
+            ("grpo_vs_trl_bf16_2threads", "bf16 autocast, eager, 2 threads"),
+            ("grpo_vs_trl_quickstart", "quickstart workload: 1M-parameter warm-started model, binary reward, "
+                                       "16 prompts x 8, 6 new tokens, fp32"))):
         o, t = f["ours"], f["trl"]
         rows.append(f"| {label} | {o['iteration_s']:.3f} | {t['iteration_s']:.3f} | {o['generate_s']:.3f} / "
                     f"{o['update_s']:.3f} | {t['generate_s']:.3f} / {t['update_s']:.3f} | "
@@ -64,11 +66,7 @@ def grpo_rows() -> list[str]:
 def grpo_memory_rows() -> list[str]:
     rows = ["| setting | ours peak RSS (MB) | TRL peak RSS (MB) | ours / TRL rise during steps (MB) | ratio |",
             "|---|---|---|---|---|"]
-    for name, label in (("grpo_vs_trl_fp32", "fp32"), ("grpo_vs_trl_bf16", "bf16 autocast")):
-        r = first(load(name), "grpo_peak_rss_vs_trl")
-        if r is None:
-            continue
-        f = r["figures"]
+    for label, f in runs("grpo_peak_rss_vs_trl", (("grpo_vs_trl_fp32", "fp32"), ("grpo_vs_trl_bf16", "bf16 autocast"))):
         rows.append(f"| {label} | {f['ours']['peak_rss_mb']:.0f} | {f['trl']['peak_rss_mb']:.0f} | "
                     f"{f['ours']['peak_increase_mb']:.0f} / {f['trl']['peak_increase_mb']:.0f} | "
                     f"**{f['ratio_peak_rss']:.2f}x** {verdict(f['ratio_peak_rss'], 1.0, False)} |")
@@ -77,11 +75,8 @@ def grpo_memory_rows() -> list[str]:
 
 def dpo_rows() -> list[str]:
     rows = ["| setting | ours step (s) | TRL step (s) | pairs/s ours / TRL | ratio |", "|---|---|---|---|---|"]
-    for name, label in (("dpo_vs_trl_fp32", "fp32, sdpa"), ("dpo_vs_trl_bf16", "bf16 autocast, eager")):
-        r = first(load(name), "dpo_throughput_vs_trl")
-        if r is None:
-            continue
-        f = r["figures"]
+    for label, f in runs("dpo_throughput_vs_trl", (("dpo_vs_trl_fp32", "fp32, sdpa"),
+                                                    ("dpo_vs_trl_bf16", "bf16 autocast, eager"))):
         rows.append(f"| {label} | {f['ours']['step_s']:.3f} | {f['trl']['step_s']:.3f} | "
                     f"{f['ours']['pairs_per_s']:.2f} / {f['trl']['pairs_per_s']:.2f} | "
                     f"**{f['ratio']:.2f}x** {verdict(f['ratio'], 1.5)} |")
@@ -144,21 +139,19 @@ def scaling_rows() -> list[str]:
 
 
 def ray_rows() -> list[str]:
-    runs = [(label, first(load(name), "ray_overhead")) for name, label in
-            (("ray_overhead", "weight sync through the object store"),
-             ("ray_overhead_broadcast", "weight sync by broadcast"))]
-    runs = [(label, r["figures"]) for label, r in runs if r is not None]
-    if not runs:
+    measured = runs("ray_overhead", (("ray_overhead", "weight sync through the object store"),
+                                     ("ray_overhead_broadcast", "weight sync by broadcast")))
+    if not measured:
         return []
-    rows = ["| part of a step | " + " | ".join(f"{label}: median s (share)" for label, _ in runs) + " |",
-            "|---|" + "---|" * len(runs)]
+    rows = ["| part of a step | " + " | ".join(f"{label}: median s (share)" for label, _ in measured) + " |",
+            "|---|" + "---|" * len(measured)]
     for part, label in (("generate", "generation (inside the rollout worker)"), ("reward_compute", "reward compute"),
                         ("learner_compute", "update (slowest learner rank)"), ("weight_sync", "weight sync"),
                         ("overhead", "overhead: everything else, weight sync included")):
         rows.append(f"| {label} | " + " | ".join(f"{f[part + '_s']:.3f} ({f[part + '_s'] / f['step_s']:.0%})"
-                                                  for _, f in runs) + " |")
+                                                  for _, f in measured) + " |")
     rows.append("| **step** | " + " | ".join(f"{f['step_s']:.3f}; overhead share (median of per-step shares) "
-                                               f"**{f['overhead_frac']:.0%}**" for _, f in runs) + " |")
+                                               f"**{f['overhead_frac']:.0%}**" for _, f in measured) + " |")
     return rows
 
 

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from align.algorithms import AlgorithmSpec
 from align.losses import PolicyInputs, StepNormalizer
-from align.objective import policy_step_loss, zero_advantage_is_inert
+from align.objective import active_rows, policy_step_loss
 from align.trainers.sequences import response_forward
 
 SHARD_KEYS = ("prompt_ids", "prompt_mask", "completion_ids", "mask", "logp", "advantages", "group_ids")
@@ -104,7 +104,10 @@ class DeepSpeedLearner:
                      "is/truncated_frac": float((truncated.float() * mask).sum() / tokens)}
         local = StepNormalizer.from_masks(mask)  # over all rows: skipped rows still count in the step's counts
         normalizer = local.all_reduce() if dist.is_initialized() else local
-        rows, scale = self._active_rows(shard)
+        # as in the local trainer, groups whose advantages are all exactly 0 are skipped when that is exact; a rank
+        # left with none still runs one row at loss scale 0: DeepSpeed's gradient reduction needs every backward
+        live = active_rows(self.spec, shard["advantages"], shard["mask"], shard["group_ids"])
+        rows, scale = (live.nonzero().squeeze(-1), 1.0) if bool(live.any()) else (torch.arange(1), 0.0)
         part = {k: v[rows] for k, v in shard.items()}
         mask = part["mask"]
         self.engine.train()
@@ -128,23 +131,6 @@ class DeepSpeedLearner:
             out = {"loss": 0.0, "pg_loss": 0.0, **extra, "update/skipped_rows_frac": 1.0,
                    "update/active_tokens": 0.0}
         return out
-
-    def _active_rows(self, shard: dict[str, Tensor]) -> tuple[Tensor, float]:
-        """Row indices that can move the gradient, and the loss scale. As in the local trainer, whole groups whose
-        advantages are all exactly 0 are skipped when the objective is inert there. A rank left with no active row
-        still runs one row with its loss scaled by 0: DeepSpeed's gradient reduction needs every rank's backward."""
-        every = torch.arange(len(shard["mask"]))
-        if not zero_advantage_is_inert(self.spec):
-            return every, 1.0
-        nonzero = ((shard["advantages"] != 0) & (shard["mask"] != 0)).any(-1)  # (B,)
-        groups = shard["group_ids"]
-        live = torch.zeros_like(nonzero)
-        for g in groups.unique():
-            members = groups == g
-            live |= members & bool(nonzero[members].any())
-        if not bool(live.any()):
-            return every[:1], 0.0
-        return every[live], 1.0
 
     @torch.no_grad()
     def logprobs(self, shard: dict[str, Tensor]) -> Tensor:

@@ -20,7 +20,7 @@ from torch import Tensor
 from align.advantages import ADVANTAGES, nonuniform_groups
 from align.algorithms import AlgorithmSpec
 from align.losses import PolicyInputs, StepNormalizer, kl_reward_penalty
-from align.objective import policy_step_loss, zero_advantage_is_inert
+from align.objective import active_rows, policy_step_loss
 from align.ops import last_token_mask, masked_mean
 from align.trainers.precision import Precision, autocast
 from align.trainers.protocols import CreditFunction, RewardFunction, Rollout, RolloutEngine, SamplingParams
@@ -139,21 +139,6 @@ class PolicyTrainer:
         assert entropy is not None
         return entropy
 
-    def _active_rows(self, batch: Rollout, advantages: Tensor) -> Tensor:
-        """(B,) bool: rows whose forward and backward can change the gradient.
-
-        Groups whose advantages are all exactly 0 (every sample got the same reward, so GRPO-style estimators
-        give 0) contribute exactly nothing when :func:`zero_advantage_is_inert` holds, and are skipped: with
-        binary rewards these are often a third or more of a batch, forward and backward that TRL and verl run to
-        add zeros. Whole groups only, so GTPO-style group computations never see a partial group.
-        """
-        if not zero_advantage_is_inert(self.spec):
-            return torch.ones(len(batch), dtype=torch.bool)
-        nonzero = ((advantages != 0) & (batch.mask != 0)).any(-1)  # (B,)
-        groups = batch.group_ids.unique()
-        live = groups[torch.stack([nonzero[batch.group_ids == g].any() for g in groups])]
-        return torch.isin(batch.group_ids, live)
-
     def _micro_batches(self, batch: Rollout, active: Tensor) -> list[Tensor]:
         """Row indices of micro-batches made of whole active groups (GTPO's conflict weights need the group)."""
         groups = batch.group_ids[active].unique_consecutive()
@@ -169,7 +154,9 @@ class PolicyTrainer:
         normalizer = StepNormalizer.from_masks(batch.mask, generation_budget=spec.generation_budget)
         sums: dict[str, float] = {}
         weighted: dict[str, float] = {}
-        active = self._active_rows(batch, advantages)
+        # groups with all-zero advantages are skipped when that is exact (binary rewards leave many such groups:
+        # every sample right or every sample wrong), a forward and backward other trainers run to add zeros
+        active = active_rows(spec, advantages, batch.mask, batch.group_ids)
         micro_batches = self._micro_batches(batch, active)
         # per-token metrics (entropy, ratio stats, log-prob gap) are over the rows that went through the model
         gap_sum, entropy_sum, tokens = 0.0, 0.0, float(batch.mask[active].sum())

@@ -250,7 +250,8 @@ def test_skipping_inert_groups_leaves_the_update_unchanged(inert_groups, monkeyp
         for g in inert_groups:
             advantages = torch.where((batch.group_ids == g)[:, None], 0.0, advantages)
         if not skip:
-            monkeypatch.setattr(policy_module, "zero_advantage_is_inert", lambda spec: False)
+            monkeypatch.setattr(policy_module, "active_rows",
+                                lambda spec, adv, mask, group_ids: torch.ones(len(group_ids), dtype=torch.bool))
         metrics = trainer._update(batch, advantages, None)
         monkeypatch.undo()
         assert metrics["update/skipped_rows_frac"] == pytest.approx(len(inert_groups) / 3 if skip else 0.0)
@@ -270,3 +271,18 @@ def test_rows_are_never_skipped_when_zero_advantage_still_moves_the_loss() -> No
     assert zero_advantage_is_inert(PRESETS.get("rloo"))  # its KL sits in the reward, hence in the advantages
     assert not zero_advantage_is_inert(PRESETS.get("grpo"))  # k3 KL in the loss acts at A = 0
     assert not zero_advantage_is_inert(PRESETS.get("gtpo"))  # the entropy term acts at A = 0
+
+
+def test_active_rows_keeps_whole_groups_with_any_nonzero_advantage() -> None:
+    from dataclasses import replace
+
+    from align.algorithms import PRESETS
+    from align.objective import active_rows
+
+    group_ids = torch.tensor([7, 7, 3, 3, 9, 9])  # ids need not be 0..G-1 nor sorted
+    mask = torch.tensor([[1.0, 1], [1, 0], [1, 1], [1, 1], [1, 1], [1, 0]])
+    advantages = torch.tensor([[0.0, 0], [0, 5], [0, 0], [0, 0], [0, 0], [0.0, 0]])
+    advantages[4, 1] = -1.0  # group 9: one nonzero token; group 7: nonzero only under the mask's padding
+    inert_spec = replace(PRESETS.get("grpo"), kl=None, kl_coef=0.0)
+    assert active_rows(inert_spec, advantages, mask, group_ids).tolist() == [False, False, False, False, True, True]
+    assert active_rows(PRESETS.get("grpo"), advantages, mask, group_ids).all()  # KL in the loss: nothing skipped
