@@ -81,12 +81,11 @@ def list_registries() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    import rewards
     from align.advantages import ADVANTAGES
     from align.algorithms import PRESETS
+    from align.components import rewards_provider
     from align.data.tasks import TASKS
     from align.losses import KL_ESTIMATORS, POLICY_LOSSES, PREFERENCE_LOSSES, REDUCERS
-    from rewards.credit import CREDIT
 
     table = Table(title="align registries")
     table.add_column("registry")
@@ -94,8 +93,10 @@ def list_registries() -> None:
     for label, registry in (("algorithm presets", PRESETS), ("policy losses", POLICY_LOSSES),
                             ("reducers", REDUCERS), ("KL estimators", KL_ESTIMATORS),
                             ("advantage estimators", ADVANTAGES), ("preference losses", PREFERENCE_LOSSES),
-                            ("rewards", rewards.REWARDS), ("credit modules", CREDIT), ("tasks", TASKS)):
+                            ("tasks", TASKS)):
         table.add_row(label, ", ".join(registry.names()))
+    for label, names in rewards_provider().registries().items():
+        table.add_row(label, ", ".join(names))
     Console().print(table)
 
 

@@ -103,7 +103,7 @@ class AlgorithmSection(_Section):
     @classmethod
     def _known_preset(cls, name: str) -> str:
         if name not in PRESETS:
-            raise ValueError(_choices("unknown algorithm preset", name, PRESETS.names()))
+            raise ValueError(choices("unknown algorithm preset", name, PRESETS.names()))
         return name
 
     @model_validator(mode="after")
@@ -256,7 +256,7 @@ class Recipe(_Section):
 # ---------------------------------------------------------------------------------------------------------------
 # Loading, overrides and one-line errors
 # ---------------------------------------------------------------------------------------------------------------
-def _choices(what: str, got: str, known: Sequence[str]) -> str:
+def choices(what: str, got: str, known: Sequence[str]) -> str:
     hint = difflib.get_close_matches(got, known, n=1)
     maybe = f" (did you mean {hint[0]!r}?)" if hint else ""
     return f"{what} {got!r}{maybe}; valid: {', '.join(known)}"

@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from align.api import _greedy, _task_verifier, load_data, load_model, load_plugins_and_check
+from align.api import load_plugins_and_check
+from align.build import greedy_eval, load_data, load_model
+from align.components import rewards_provider
 from align.config import Recipe, RecipeError, recipe_from_dict
 from align.data.tasks import TASKS
 
@@ -28,7 +30,7 @@ def evaluate(target: str | Path, *, data: str, reward: str = "exact_match", size
     load_plugins_and_check(config)
     model, tokenizer = _load_for_eval(path, config)
     _, test = load_data(config)
-    return _greedy(model, tokenizer, test, _task_verifier(config), max_new_tokens)
+    return greedy_eval(model, tokenizer, test, rewards_provider().verifier(config), max_new_tokens)
 
 
 def _load_for_eval(path: Path, recipe: Recipe) -> tuple[Any, Any]:

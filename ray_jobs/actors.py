@@ -1,14 +1,16 @@
-"""Ray actors: a rollout worker (vLLM or transformers generate), a DeepSpeed learner rank, a reward worker.
+"""Ray actors: a rollout worker, a learner rank, a reward worker, an auxiliary-model server.
 
-Each wraps a piece the local runtime already has; the driver (:mod:`ray_jobs.launch`) composes them.
+Each builds its part with the same core functions the local runtime calls (:mod:`align.build`): the rollout worker
+the recipe's engine, a learner rank the core's learner with a DeepSpeed strategy, a reward worker the recipe's
+rewards. The runtime (:mod:`ray_jobs.runtime`) puts proxies with the core's protocols in front of them.
 """
 
 from __future__ import annotations
 
-import copy
 import os
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -16,61 +18,59 @@ import torch
 from torch import Tensor
 
 from align.algorithms import AlgorithmSpec
+from align.build import engine_name, engine_options, make_learner, policy_model
+from align.config import Recipe
+from align.trainers.engines import get_engine_factory
+from align.trainers.learner import PairBatch, PolicyBatch, PolicyLearner, PreferenceLearner
+from align.trainers.precision import autocast
 from align.trainers.protocols import Rollout, SamplingParams
-from align.trainers.sequences import response_forward
-from ray_jobs.learner_deepspeed import DeepSpeedLearner, LearnerConfig
-from ray_jobs.weight_sync import bytes_to_state
+from ray_jobs.learner_deepspeed import DeepSpeedStrategy, init_distributed
+from ray_jobs.weight_sync import bytes_to_state, state_to_bytes
 
 
-def _threads(count: int) -> None:
+def _threads(recipe: Recipe) -> None:
+    count = recipe.runtime.threads or 1
     os.environ["OMP_NUM_THREADS"] = str(count)
     torch.set_num_threads(count)
 
 
-def _with_adapter(model: Any, lora: Mapping[str, Any] | None, seed: int = 0) -> Any:
-    """The model with a LoRA adapter (same seed everywhere: every copy starts from the same adapter)."""
-    if lora is None:
-        return model
-    from peft import LoraConfig, get_peft_model
+def load_weights(model: Any, state: Mapping[str, Tensor]) -> None:
+    """Full weights, or a LoRA adapter's (PEFT names) into a PEFT model."""
+    if hasattr(model, "peft_config"):
+        from peft import set_peft_model_state_dict
 
-    torch.manual_seed(seed)
-    return get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **dict(lora)))
+        set_peft_model_state_dict(model, dict(state))
+    else:
+        model.load_state_dict(dict(state))
 
 
 @ray.remote
 class RolloutWorker:
-    def __init__(self, model_dir: str, engine: str, options: Mapping[str, Any], threads: int = 1,
-                 lora: Mapping[str, Any] | None = None) -> None:
-        _threads(threads)
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+    """The recipe's engine over its own copy of the policy (base + LoRA adapter where there is one): the
+    transformers engine samples from it, vLLM loads it (adapters merged) after every sync."""
 
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        tokenizer.padding_side = "left"
-        self.model: Any = None
-        # under LoRA only the adapter travels; a CPU copy of base + adapter merges it for engines without adapters
-        self.adapted: Any = None if lora is None else _with_adapter(
-            AutoModelForCausalLM.from_pretrained(model_dir), lora).eval()
-        if engine == "vllm":
-            from ray_jobs.rollout_vllm import VLLMRolloutEngine
-
-            self.engine: Any = VLLMRolloutEngine(model_dir, tokenizer, **dict(options))
-        else:
-            from align.trainers.rollout_hf import HFRolloutEngine
-
-            self.model = self.adapted or AutoModelForCausalLM.from_pretrained(model_dir).eval()
-            self.engine = HFRolloutEngine(self.model, tokenizer)
+    def __init__(self, recipe: Recipe, base: str) -> None:
+        _threads(recipe)
+        self.recipe = recipe
+        self.model, tokenizer = policy_model(base, recipe)
+        self.model.eval()
+        self.engine = get_engine_factory(engine_name(recipe))(self.model, tokenizer, base, engine_options(recipe))
 
     def generate(self, prompts: Sequence[str], columns: Mapping[str, Sequence[Any]], samples_per_prompt: int,
                  params: SamplingParams, seed: int) -> Rollout:
-        torch.manual_seed(seed)  # the driver owns the randomness, so a resumed run samples the same
         start = time.perf_counter()
-        rollout: Rollout = self.engine.generate(prompts, columns, samples_per_prompt=samples_per_prompt,
-                                                params=params)
+        # the in-process engine samples under the learner's autocast, so pi_old matches the learner
+        with autocast(self.recipe.learner.mixed_precision, self.model):
+            rollout: Rollout = self.engine.generate(prompts, columns, samples_per_prompt=samples_per_prompt,
+                                                    params=params, seed=seed)
         rollout.timings["generate"] = time.perf_counter() - start  # the driver splits its wait into this + Ray
         return rollout
 
     def sync(self, payload: bytes, version: int) -> int:
-        return self._load(bytes_to_state(payload), version)
+        """Load the learner's weights (the adapter alone under LoRA) and tag later rollouts with ``version``."""
+        load_weights(self.model, bytes_to_state(payload))
+        self.engine.sync_weights(self.model, version)
+        return version
 
     def open_sync(self, host: str, port: int, backend: str) -> None:
         from ray_jobs.weight_sync import BroadcastGroup
@@ -81,25 +81,8 @@ class RolloutWorker:
         received, state = self.group.receive(specs)
         if received != version:
             raise RuntimeError(f"weight sync: expected version {version}, the learner sent {received}")
-        return self._load({k: v.to("cpu") for k, v in state.items()}, version)
-
-    def sync_adapter(self, payload: bytes, version: int) -> int:
-        """Load LoRA adapter weights only (the base weights never move)."""
-        from peft import set_peft_model_state_dict
-
-        set_peft_model_state_dict(self.adapted, bytes_to_state(payload))
-        if self.model is None:  # vLLM: merged weights of base + adapter, computed here
-            self.engine.sync_weights(self.adapted, version)
-        else:
-            self.engine.sync_weights(self.model, version)
-        return version
-
-    def _load(self, state: dict[str, Tensor], version: int) -> int:
-        if self.model is None:
-            self.engine.load_state(state, version)
-        else:
-            self.model.load_state_dict(state)
-            self.engine.sync_weights(self.model, version)
+        load_weights(self.model, {k: v.to("cpu") for k, v in state.items()})
+        self.engine.sync_weights(self.model, version)
         return version
 
     def pid(self) -> int:
@@ -108,81 +91,70 @@ class RolloutWorker:
 
 @ray.remote
 class LearnerRank:
-    def __init__(self, model_dir: str, spec: AlgorithmSpec, config: LearnerConfig, rank: int, world_size: int,
-                 master_port: int, threads: int = 1, lora: Mapping[str, Any] | None = None) -> None:
-        _threads(threads)
-        from transformers import AutoModelForCausalLM
+    """One data-parallel rank: the core's learner (:func:`align.build.make_learner`) with a DeepSpeed strategy."""
 
-        model = _with_adapter(AutoModelForCausalLM.from_pretrained(model_dir), lora, config.seed)
-        self.lora = lora is not None
-        self.reference = None
-        if spec.kl is not None and not self.lora:  # under LoRA the reference is the base: adapters disabled
-            self.reference = copy.deepcopy(model).eval()
-            for p in self.reference.parameters():
-                p.requires_grad_(False)
-        self.learner = DeepSpeedLearner(model, spec, config, rank=rank, world_size=world_size,
-                                        master_port=master_port)
-        self.temperature = config.temperature
+    def __init__(self, recipe: Recipe, spec: AlgorithmSpec, base: str, rank: int, world_size: int,
+                 master_port: int) -> None:
+        _threads(recipe)
+        backend = "nccl" if recipe.runtime.device.startswith("cuda") else "gloo"
+        init_distributed(rank=rank, world_size=world_size, master_port=master_port, backend=backend)
+        model, _ = policy_model(base, recipe)
 
-    def ref_logprobs(self, shard: dict[str, Tensor]) -> Tensor | None:
-        if self.lora and self.learner.spec.kl is not None:
-            module = self.learner.engine.module
-            with torch.no_grad(), module.disable_adapter():
-                logp, _, _ = response_forward(module, shard["prompt_ids"], shard["prompt_mask"],
-                                              shard["completion_ids"], shard["mask"], temperature=self.temperature)
-            return logp
-        if self.reference is None:
-            return None
-        with torch.no_grad():
-            logp, _, _ = response_forward(self.reference, shard["prompt_ids"], shard["prompt_mask"],
-                                          shard["completion_ids"], shard["mask"], temperature=self.temperature)
-        return logp
+        def strategy(m: Any, optimizer: torch.optim.Optimizer, scheduler: Any) -> DeepSpeedStrategy:
+            return DeepSpeedStrategy(m, optimizer, scheduler, zero_stage=recipe.runtime.zero_stage,
+                                     max_grad_norm=recipe.learner.max_grad_norm, rank=rank, world_size=world_size)
 
-    def adapter_bytes(self) -> bytes:
-        from peft import get_peft_model_state_dict
-        from safetensors.torch import save
+        self.learner: PolicyLearner | PreferenceLearner = make_learner(recipe, spec, model, strategy)
 
-        state = get_peft_model_state_dict(self.learner.engine.module)
-        return save({k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()})
+    def step(self, batch: PolicyBatch | PairBatch) -> dict[str, float]:
+        return self.learner.step(batch)  # type: ignore[arg-type]
 
-    def step(self, shard: dict[str, Tensor], ref_logp: Tensor | None, off_policy: str | None = None,
-             is_cap: float = 2.0) -> dict[str, float]:
-        start = time.perf_counter()
-        stats = self.learner.step(shard, ref_logp, off_policy=off_policy, is_cap=is_cap)
-        stats["time/learner_compute"] = time.perf_counter() - start  # forward, backward, all-reduce, optimiser
-        return stats
+    def evaluate(self, batch: PairBatch) -> dict[str, float]:
+        assert isinstance(self.learner, PreferenceLearner)
+        return self.learner.evaluate(batch)
 
-    def logprobs(self, shard: dict[str, Tensor]) -> Tensor:
-        return self.learner.logprobs(shard)
+    def forward(self, method: str, batch: Any) -> Tensor:
+        """``logprobs``, ``ref_logprobs`` or ``entropy`` of the policy learner on ``batch``."""
+        assert isinstance(self.learner, PolicyLearner) and method in ("logprobs", "ref_logprobs", "entropy")
+        result: Tensor = getattr(self.learner, method)(batch)
+        return result
 
-    def state_bytes(self) -> bytes:
-        return self.learner.state_bytes()
+    def policy_bytes(self) -> bytes:
+        """The trained weights (the adapter alone under LoRA) as safetensors bytes (every rank calls it together
+        under ZeRO-3, where gathering is collective)."""
+        return state_to_bytes(self.learner.policy_state())
+
+    def save(self, directory: str) -> None:
+        self.learner.save(Path(directory))
+
+    def load(self, directory: str) -> None:
+        self.learner.load(Path(directory))
 
     def open_sync(self, host: str, port: int, backend: str) -> list[Any]:
         """Rank 0: open the stateless sync group with the rollout worker; returns the tensors' metadata."""
         from ray_jobs.weight_sync import BroadcastGroup, tensor_specs
 
         self.group = BroadcastGroup(host=host, port=port, rank=0, world_size=2, backend=backend)
-        return tensor_specs(self.learner.full_state())
+        return tensor_specs(self.learner.strategy.full_state())
 
     def send(self, version: int) -> None:
-        self.group.send(self.learner.full_state(), version)
+        self.group.send(self.learner.strategy.full_state(), version)
 
-    def save(self, directory: str, tag: str) -> None:
-        self.learner.engine.save_checkpoint(directory, tag=tag)
-
-    def load(self, directory: str, tag: str) -> None:
-        self.learner.engine.load_checkpoint(directory, tag=tag)
+    def pid(self) -> int:
+        return os.getpid()
 
 
 @ray.remote
 class RewardWorker:
-    def __init__(self, plugins: Sequence[str], terms: Sequence[Mapping[str, Any]], timeout: float = 30.0) -> None:
-        import rewards
+    """The recipe's rewards (its plugins loaded in this process); returns the composer's scores."""
 
-        rewards.load_plugins(plugins)
-        rewards.load_entry_points()
-        self.composer = rewards.RewardComposer([rewards.RewardTerm(**dict(t)) for t in terms], timeout=timeout)
+    def __init__(self, recipe: Recipe) -> None:
+        from rewards.plugins import load_entry_points, load_plugins
+        from rewards.provider import composer
+
+        load_plugins(recipe.plugins)
+        load_entry_points()
+        self.composer = composer(list(recipe.rewards))
 
     def score(self, prompts: Sequence[str], completions: Sequence[str], completion_ids: Sequence[Sequence[int]],
               columns: Mapping[str, Sequence[Any]], step: int) -> Any:
@@ -203,7 +175,7 @@ class AuxModelWorker:
     """Serves an auxiliary model's per-token log-probs (and logits) to credit modules, from its own process."""
 
     def __init__(self, model_dir: str, threads: int = 1) -> None:
-        _threads(threads)
+        torch.set_num_threads(threads)
         from transformers import AutoModelForCausalLM
 
         from rewards.credit import CausalLMScorer

@@ -40,6 +40,8 @@ def _policy_state(model: Any) -> dict[str, torch.Tensor]:
 
 
 class VLLMRolloutEngine:
+    shares_module = False  # its own copy of the weights: every sync is verified by the probe
+
     def __init__(self, model_dir: str | Path, tokenizer: Any, *, dtype: str = "float32", seed: int = 0,
                  max_model_len: int = 2048, kv_cache_bytes: int = 512 * 2**20, gpu_memory_utilization: float = 0.3,
                  device: str = "cpu") -> None:
@@ -74,10 +76,11 @@ class VLLMRolloutEngine:
         self.weight_version = version
 
     def generate(self, prompts: Sequence[str], columns: Mapping[str, Sequence[Any]], *, samples_per_prompt: int,
-                 params: SamplingParams) -> Rollout:
+                 params: SamplingParams, seed: int | None = None) -> Rollout:
         from vllm import SamplingParams as VLLMSampling
 
-        seed = int(torch.randint(0, 2**31 - 1, (1,)))  # drawn from torch's RNG: checkpoints restore it
+        if seed is None:
+            seed = int(torch.randint(0, 2**31 - 1, (1,)))  # drawn from torch's RNG: checkpoints restore it
         sampling = VLLMSampling(n=samples_per_prompt, max_tokens=params.max_new_tokens, logprobs=0, seed=seed,
                                 temperature=0.0 if params.greedy else params.temperature,
                                 top_p=1.0 if params.greedy else params.top_p)

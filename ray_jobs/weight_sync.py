@@ -1,28 +1,19 @@
-"""Weight sync from the learner to the rollout engine, and the check that makes a silent failure loud.
+"""Weight transports from the learner ranks to the rollout worker on Ray.
 
-Two transports: safetensors bytes of the full policy weights through Ray's object store, or a broadcast from
-learner rank 0 over a stateless process group (gloo on CPU; NCCL on GPUs, not yet run on one). After each sync a
-fixed probe batch is sampled by the engine and scored by the learner: if the largest per-token log-prob gap exceeds
-the tolerance, the engine is not sampling the weights being trained (a stale or partial sync, the bug behind
-verl #3821 and OpenRLHF #1349) and the run stops with an error naming both versions and the gap.
+Two transports: safetensors bytes of the policy weights (or the LoRA adapter alone) through Ray's object store, or
+a broadcast from learner rank 0 over a stateless process group (gloo on CPU; NCCL on GPUs, not yet run on one).
+Whatever the transport, the controller verifies each sync with the core's probe (:mod:`align.trainers.probe`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from safetensors.torch import load as load_safetensors
 from torch import Tensor
-
-from align.errors import AlignError
-from align.trainers.protocols import Rollout, SamplingParams
-
-
-class StaleWeightsError(AlignError, RuntimeError):
-    """The rollout engine samples from weights other than the learner's."""
 
 
 def state_to_bytes(state: dict[str, Tensor]) -> bytes:
@@ -34,43 +25,6 @@ def state_to_bytes(state: dict[str, Tensor]) -> bytes:
 
 def bytes_to_state(payload: bytes) -> dict[str, Tensor]:
     return load_safetensors(payload)
-
-
-@dataclass(frozen=True)
-class ProbeResult:
-    engine_version: int
-    learner_version: int
-    max_gap: float
-    mean_gap: float
-
-
-class ProbeCheck:
-    """Samples ``prompts`` with the engine and compares its log-probs with the learner's on the same tokens."""
-
-    def __init__(self, prompts: Sequence[str], *, tolerance: float = 1e-3, max_new_tokens: int = 8,
-                 temperature: float = 1.0) -> None:
-        self.prompts, self.tolerance = list(prompts), tolerance
-        self.params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature)
-
-    def __call__(self, engine: Any, learner_logprobs: Callable[[Rollout], Tensor],
-                 learner_version: int) -> ProbeResult:
-        """Sample the probe prompts with ``engine`` (in-process) and check them against the learner."""
-        rollout: Rollout = engine.generate(self.prompts, {}, samples_per_prompt=1, params=self.params)
-        with torch.no_grad():
-            learner = learner_logprobs(rollout)
-        return self.check(rollout, learner, learner_version)
-
-    def check(self, rollout: Rollout, learner: Tensor, learner_version: int) -> ProbeResult:
-        """Compare a probe rollout's log-probs with the learner's log-probs (B, T) on the same tokens."""
-        gap = (learner - rollout.logp).abs() * rollout.mask
-        result = ProbeResult(engine_version=rollout.weight_version, learner_version=learner_version,
-                             max_gap=float(gap.max()), mean_gap=float(gap.sum() / rollout.mask.sum().clamp(min=1)))
-        if result.max_gap > self.tolerance or result.engine_version != learner_version:
-            raise StaleWeightsError(
-                f"rollout engine (weights v{result.engine_version}) disagrees with the learner (v{learner_version}): "
-                f"max log-prob gap {result.max_gap:.3g} > tolerance {self.tolerance:g}; the engine is sampling "
-                "stale weights, stopping before training on them")
-        return result
 
 
 # ---------------------------------------------------------------------------------------------------------------

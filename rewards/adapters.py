@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,33 +35,17 @@ class ComposerRewardFunction:
 
 
 MODEL_OPTIONS = ("dpo_model", "ref_model", "positive_model", "negative_model")
-
-
-def resolve_models(options: Mapping[str, Any], base_dir: str | Path | None) -> dict[str, Any]:
-    """Credit options naming auxiliary models by path (``"base"`` = the run's base model) become scorers."""
-    from transformers import AutoModelForCausalLM
-
-    from rewards.credit import CausalLMScorer
-
-    out = dict(options)
-    for key in MODEL_OPTIONS:
-        value = out.get(key)
-        if isinstance(value, (str, Path)):
-            path = base_dir if value == "base" else value
-            if path is None:
-                raise ValueError(f"credit option {key}='base' needs the run's base model directory")
-            out[key] = CausalLMScorer(AutoModelForCausalLM.from_pretrained(str(path)).eval())
-    return out
+"""Credit options that name an auxiliary model (a directory, or ``"base"``: the run's base model)."""
 
 
 class CreditModuleFunction:
     """Runs one registered credit module on a rollout."""
 
-    def __init__(self, name: str, options: Mapping[str, Any] | None = None,
-                 base_dir: str | Path | None = None) -> None:
+    def __init__(self, name: str, options: Mapping[str, Any] | None = None) -> None:
+        """``options``: the module's options, auxiliary models already loaded (:data:`MODEL_OPTIONS`)."""
         self.module = CREDIT.get(name)
         self.output = str(CREDIT.info(name)["output"])
-        self.name, self.options = name, resolve_models(options or {}, base_dir)
+        self.name, self.options = name, dict(options or {})
         self.needs_entropy = name == "entropy_weighted"
 
     def __call__(self, rollout: Rollout, rewards: Tensor, *, logp: Tensor | None, entropy: Tensor | None,

@@ -1,7 +1,9 @@
-"""Checkpoints that never corrupt the last good one, and exact resume.
+"""Checkpoints that never corrupt the last good one, and exact resume: one writer for every runtime.
 
-A checkpoint directory holds the trainable weights (``model.safetensors``, or a PEFT adapter), the optimiser and
-scheduler state, every RNG state (python, torch) and the data order, written into a temporary directory that is
+A checkpoint ``step-XXXXXXXX/`` holds ``learner/`` (what the learner's strategy writes: trainable weights or a PEFT
+adapter, optimiser and scheduler in-process; DeepSpeed's sharded checkpoint from every rank on Ray),
+``state.json`` (the controller's state: step, data order, weight version, ...) and ``rng.pt`` (every RNG state of
+the controller: python, torch, CUDA where present). Everything is written into a temporary directory, fsynced, and
 renamed into place only when complete; ``latest`` (a one-line file, replaced atomically) then points at it. A crash
 while saving leaves the previous checkpoint and pointer untouched.
 """
@@ -12,26 +14,21 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 
 LATEST = "latest"
+SCHEMA = 2  # 1: model.safetensors + trainer.pt beside state.json (local only); 2: learner/ + rng.pt
 
 
 @dataclass
 class TrainingState:
     step: int
-    extra: dict[str, Any]  # sampler state, counters: JSON-serialisable
-
-
-def _trainable_state(model: Any) -> dict[str, torch.Tensor]:
-    names = {n for n, p in model.named_parameters() if p.requires_grad}
-    return {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()
-            if k in names or not names}
+    extra: dict[str, Any]  # the controller's state: JSON-serialisable
 
 
 def rng_state() -> dict[str, Any]:
@@ -49,24 +46,28 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(directory: Path, *, step: int, model: Any, optimizer: Any, scheduler: Any,
-                    extra: dict[str, Any], keep: int = 2) -> Path:
-    """Write ``directory/step-XXXXXXXX`` atomically and point ``latest`` at it; keep the newest ``keep``."""
+def save_checkpoint(directory: Path, *, step: int, save_learner: Callable[[Path], None], extra: dict[str, Any],
+                    keep: int = 2) -> Path:
+    """Write ``directory/step-XXXXXXXX`` atomically and point ``latest`` at it; keep the newest ``keep``.
+
+    ``save_learner(path)`` writes the learner's part into ``path`` (a directory inside the temporary checkpoint).
+    """
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"step-{step:08d}"
     tmp = directory / f".{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file(_trainable_state(model), str(tmp / "model.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
-               tmp / "trainer.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step, "extra": extra}))
-    _fsync_dir(tmp)
+    save_learner(tmp / "learner")
+    torch.save(rng_state(), tmp / "rng.pt")
+    (tmp / "state.json").write_text(json.dumps({"schema": SCHEMA, "step": step, "extra": extra}))
+    _fsync_tree(tmp)
     if final.exists():
         shutil.rmtree(final)
     os.rename(tmp, final)  # atomic on one filesystem: the checkpoint appears whole or not at all
     pointer = directory / f".{LATEST}.tmp-{os.getpid()}"
     pointer.write_text(final.name + "\n")
+    with open(pointer, "rb") as f:
+        os.fsync(f.fileno())
     os.replace(pointer, directory / LATEST)
     _fsync_dir(directory)
     for old in sorted(p for p in directory.glob("step-*") if p.is_dir())[:-keep]:
@@ -74,11 +75,18 @@ def save_checkpoint(directory: Path, *, step: int, model: Any, optimizer: Any, s
     return final
 
 
-def _fsync_dir(path: Path) -> None:
-    for child in path.iterdir() if path.is_dir() else []:
-        if child.is_file():
-            with open(child, "rb") as f:
+def _fsync_tree(root: Path) -> None:
+    """Every file and directory under ``root`` on disk (a DeepSpeed checkpoint nests directories)."""
+    for path in sorted(root.rglob("*"), key=lambda p: -len(p.parts)):
+        if path.is_file():
+            with open(path, "rb") as f:
                 os.fsync(f.fileno())
+        elif path.is_dir():
+            _fsync_dir(path)
+    _fsync_dir(root)
+
+
+def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -95,16 +103,12 @@ def latest_checkpoint(directory: Path) -> Path | None:
     return candidate if (candidate / "state.json").is_file() else None
 
 
-def load_checkpoint(path: Path, *, model: Any, optimizer: Any, scheduler: Any) -> TrainingState:
-    """Restore weights, optimiser, scheduler and RNG states; returns the step and the extra state."""
-    weights = load_file(str(path / "model.safetensors"))
-    missing = set(weights) - set(model.state_dict())
-    if missing:
-        raise ValueError(f"checkpoint {path} has weights the model lacks (e.g. {sorted(missing)[0]!r})")
-    model.load_state_dict(weights, strict=False)
-    trainer = torch.load(path / "trainer.pt", weights_only=False)
-    optimizer.load_state_dict(trainer["optimizer"])
-    scheduler.load_state_dict(trainer["scheduler"])
-    set_rng_state(trainer["rng"])
+def load_checkpoint(path: Path, *, load_learner: Callable[[Path], None]) -> TrainingState:
+    """Restore the learner (through ``load_learner``) and the RNG states; returns the step and the extra state."""
     state = json.loads((path / "state.json").read_text())
+    if state.get("schema") != SCHEMA:
+        raise ValueError(f"checkpoint {path} has schema {state.get('schema', 1)}; this version reads schema "
+                         f"{SCHEMA} (resume it with the version that wrote it)")
+    load_learner(path / "learner")
+    set_rng_state(torch.load(path / "rng.pt", weights_only=False))
     return TrainingState(step=int(state["step"]), extra=state["extra"])

@@ -1,4 +1,10 @@
-"""What the training loops need from the outside world, as protocols the core owns.
+"""The parts the controller loop drives, as protocols the core owns. A runtime places them: in-process (local) or
+behind Ray actors (``ray_jobs``); the loop (:mod:`align.trainers.controller`) cannot tell the difference.
+
+- :class:`RolloutEngine` samples completions with a known weight version;
+- :class:`RewardFunction` scores them; :class:`CreditFunction` spreads sequence rewards over tokens;
+- :class:`Learner` takes optimiser steps (one process, or several DeepSpeed ranks behind one proxy);
+- :class:`WeightSync` makes the engine sample the learner's current weights.
 
 Shapes: B completions (prompts x samples), T response tokens (right-padded), P prompt tokens (left-padded).
 """
@@ -7,9 +13,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 from torch import Tensor
+
+from align.errors import AlignError
 
 
 @dataclass
@@ -57,16 +66,65 @@ class SamplingParams:
 
 
 class RolloutEngine(Protocol):
-    """Samples completions with a known policy version."""
-
-    weight_version: int
+    """Samples completions with a known policy version. ``seed`` (drawn by the controller from its RNG, so a
+    resumed run samples the same) seeds the sampling."""
 
     def generate(self, prompts: Sequence[str], columns: Mapping[str, Sequence[Any]], *, samples_per_prompt: int,
-                 params: SamplingParams) -> Rollout: ...
+                 params: SamplingParams, seed: int | None = None) -> Rollout: ...
 
-    def sync_weights(self, model: Any, version: int) -> None:
-        """Make the engine sample from ``model``'s current weights, tagged ``version``."""
+
+class PendingRollout(Protocol):
+    def result(self) -> Rollout: ...
+
+
+class AsyncRolloutEngine(RolloutEngine, Protocol):
+    """An engine that can sample while the learner trains (``runtime.overlap``)."""
+
+    def submit(self, prompts: Sequence[str], columns: Mapping[str, Sequence[Any]], *, samples_per_prompt: int,
+               params: SamplingParams, seed: int) -> PendingRollout: ...
+
+
+class WeightSync(Protocol):
+    """Moves the learner's weights into the rollout engine after each optimiser step."""
+
+    shares_module: bool  # the engine samples from the learner's own module: there is nothing to verify
+
+    def push(self, version: int) -> None:
+        """Make the engine sample from the learner's current weights, tagged ``version``."""
         ...
+
+
+class LearnerLost(AlignError, RuntimeError):
+    """A learner (a rank) died: the run stops cleanly, to be resumed from its last checkpoint."""
+
+
+class Learner(Protocol):
+    """Optimiser steps over batches (:class:`align.trainers.learner.PolicyBatch` / ``PairBatch``), and the
+    forward passes the controller needs. One in-process learner, or a proxy over DeepSpeed ranks."""
+
+    def step(self, batch: Any) -> dict[str, float]:
+        """One optimiser step; the step's merged statistics."""
+        ...
+
+    def evaluate(self, batch: Any) -> dict[str, float]:
+        """Preference learners: the loss and its statistics on held-out pairs, without a gradient."""
+        ...
+
+    def logprobs(self, batch: Any) -> Tensor:
+        """(B, T) log-probs of the completion tokens under the current weights."""
+        ...
+
+    def ref_logprobs(self, batch: Any) -> Tensor: ...
+
+    def entropy(self, batch: Any) -> Tensor: ...
+
+    def policy_state(self) -> dict[str, Tensor]:
+        """The trained weights on CPU: the full model, or the adapter alone under LoRA."""
+        ...
+
+    def save(self, directory: Path) -> None: ...
+
+    def load(self, directory: Path) -> None: ...
 
 
 @dataclass

@@ -14,6 +14,8 @@ from align.trainers.sequences import encode, mask_after_eos, pad_left
 
 
 class HFRolloutEngine:
+    shares_module = True  # samples from the learner's own model: a weight sync is a version bump
+
     def __init__(self, model: Any, tokenizer: Any, *, batch_size: int = 256) -> None:
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
         self.weight_version = 0
@@ -26,7 +28,18 @@ class HFRolloutEngine:
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], columns: Mapping[str, Sequence[Any]], *, samples_per_prompt: int,
-                 params: SamplingParams) -> Rollout:
+                 params: SamplingParams, seed: int | None = None) -> Rollout:
+        """``seed``: sample from a generator seeded with it, leaving the caller's RNG stream untouched (as when the
+        engine runs in another process); None: from the global RNG."""
+        if seed is None:
+            return self._generate_all(prompts, columns, samples_per_prompt, params)
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            return self._generate_all(prompts, columns, samples_per_prompt, params)
+
+    def _generate_all(self, prompts: Sequence[str], columns: Mapping[str, Sequence[Any]], samples_per_prompt: int,
+                      params: SamplingParams) -> Rollout:
         repeated = [p for p in prompts for _ in range(samples_per_prompt)]
         prompt_ids, prompt_mask = pad_left(encode(self.tokenizer, repeated), self.pad_id)
         chunks = [self._generate(prompt_ids[s : s + self.batch_size], prompt_mask[s : s + self.batch_size], params)

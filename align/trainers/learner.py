@@ -1,0 +1,560 @@
+"""The learner: one optimiser step's math, written once for every runtime.
+
+A learner owns a model and a :class:`Strategy` that applies gradients: :class:`TorchStrategy` in-process (the
+local runtime), a DeepSpeed engine on each Ray rank (``ray_jobs.learner_deepspeed``). Everything else (micro-batches
+of whole groups, inert-group skipping, the off-policy importance weights, the policy and preference losses, the
+statistics) is here, so a rank of the Ray runtime computes exactly what the local runtime computes.
+
+The step-wide normaliser (:class:`~align.losses.StepNormalizer`) and the step's pair count arrive with the batch,
+computed by the controller over the *whole* step, so a rank's loss is its exact share of the step's loss: the
+shares add up, and splitting a step over micro-batches or ranks never changes the gradient.
+
+Shapes: B rows, T response tokens, P prompt tokens.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import torch
+from torch import Tensor
+
+from align.algorithms import AlgorithmSpec
+from align.losses import PREFERENCE_LOSSES, PolicyInputs, PreferenceInputs, StepNormalizer
+from align.objective import active_rows, policy_step_loss
+from align.trainers.precision import Precision, autocast
+from align.trainers.sequences import response_forward
+
+OffPolicy = Literal["token", "sequence"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Batches the learner trains on (tensors only: they travel to Ray ranks as they are)
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PolicyBatch:
+    """One optimiser step's rows (or one rank's share of them), grouped by prompt (groups are contiguous)."""
+
+    prompt_ids: Tensor  # (B, P) long, left-padded
+    prompt_mask: Tensor  # (B, P)
+    completion_ids: Tensor  # (B, T) long, right-padded
+    mask: Tensor  # (B, T) float, 1 = trainable token
+    logp: Tensor  # (B, T) log-probs under the sampling policy (pi_old of an on-policy step)
+    advantages: Tensor  # (B, T)
+    group_ids: Tensor  # (B,) long
+    normalizer: StepNormalizer  # counts of the whole step, not of this share
+    ref_logp: Tensor | None = None  # (B, T) when a KL term sits in the loss
+    off_policy: OffPolicy | None = None  # sampled by an older policy: importance-weight the advantages
+    is_cap: float = 2.0
+    standin: bool = False  # a rank with no rows of its own: one row at loss scale 0 (collectives need a backward)
+
+    def __len__(self) -> int:
+        return int(self.mask.shape[0])
+
+    def take(self, rows: Tensor) -> PolicyBatch:
+        """The rows ``rows`` (long indices), with the same step-wide normaliser."""
+        return replace(self, prompt_ids=self.prompt_ids[rows], prompt_mask=self.prompt_mask[rows],
+                       completion_ids=self.completion_ids[rows], mask=self.mask[rows], logp=self.logp[rows],
+                       advantages=self.advantages[rows], group_ids=self.group_ids[rows],
+                       ref_logp=None if self.ref_logp is None else self.ref_logp[rows])
+
+    def shards(self, world_size: int) -> list[PolicyBatch]:
+        """One share per rank: whole groups dealt round-robin (GTPO's conflict weights need the whole group); a rank
+        left without a group gets a stand-in row that adds nothing."""
+        out = []
+        for rows in shard_groups(self.group_ids, world_size):
+            out.append(self.take(rows) if len(rows) else replace(self.take(torch.arange(1)), standin=True))
+        return out
+
+
+@dataclass(frozen=True)
+class PairBatch:
+    """Tokenised preference pairs: prompt (B, P) left-padded; chosen (B, Tc) and rejected (B, Tr) right-padded.
+
+    ``extras`` holds per-token inputs of token-level losses by keyword ((B, Tc) / (B, Tr)): cDPO's
+    ``rejected_weights``, TGDPO's ``chosen_token_rewards`` and ``rejected_token_rewards``. ``total`` is the
+    number of pairs of the whole step (the loss is a mean over it)."""
+
+    prompt_ids: Tensor
+    prompt_mask: Tensor
+    chosen_ids: Tensor
+    chosen_mask: Tensor
+    rejected_ids: Tensor
+    rejected_mask: Tensor
+    extras: dict[str, Tensor] = field(default_factory=dict)
+    total: int = 0  # 0 = len(self)
+    standin: bool = False
+
+    def __len__(self) -> int:
+        return int(self.prompt_ids.shape[0])
+
+    def take(self, rows: Tensor) -> PairBatch:
+        return PairBatch(self.prompt_ids[rows], self.prompt_mask[rows], self.chosen_ids[rows],
+                         self.chosen_mask[rows], self.rejected_ids[rows], self.rejected_mask[rows],
+                         {k: v[rows] for k, v in self.extras.items()}, total=self.total or len(self))
+
+    def shards(self, world_size: int) -> list[PairBatch]:
+        out = []
+        for rank in range(world_size):
+            rows = torch.arange(rank, len(self), world_size)
+            out.append(self.take(rows) if len(rows) else replace(self.take(torch.arange(1)), standin=True))
+        return out
+
+
+def shard_groups(group_ids: Tensor, world_size: int) -> list[Tensor]:
+    """Row indices per rank: whole groups, dealt round-robin."""
+    groups = group_ids.unique_consecutive()
+    return [torch.isin(group_ids, groups[r::world_size]).nonzero().squeeze(-1) for r in range(world_size)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# How gradients are applied
+# ---------------------------------------------------------------------------------------------------------------
+class Strategy(Protocol):
+    """Applies a learner's gradients: plain torch in one process, or a DeepSpeed engine on one of several ranks."""
+
+    model: Any  # the trained model (under LoRA the PEFT model)
+    module: Any  # what forward passes run on: the model, or the DeepSpeed engine around it
+
+    def backward(self, loss: Tensor, *, boundary: bool) -> None:
+        """Accumulate the gradient of ``loss`` (this rank's share); ``boundary``: the optimiser step's last one."""
+        ...
+
+    def optimizer_step(self) -> float:
+        """Clip, step, clear the gradients; returns the global gradient norm before clipping."""
+        ...
+
+    def agree(self, count: int) -> int:
+        """The largest ``count`` over ranks. Ranks run as many forward passes as the busiest one (with stand-ins
+        at loss scale 0), since partitioned weights (ZeRO-3) are gathered collectively in every forward."""
+        ...
+
+    def scheduler_step(self) -> None: ...
+
+    def lr(self) -> float: ...
+
+    def full_state(self) -> dict[str, Tensor]:
+        """Every weight of the model on CPU (gathered where a strategy partitions them)."""
+        ...
+
+    def save(self, directory: Path) -> None:
+        """Weights, optimiser and scheduler state into ``directory`` (every rank calls it)."""
+        ...
+
+    def load(self, directory: Path) -> None: ...
+
+
+class TorchStrategy:
+    """One process: ``loss.backward()``, gradient clipping, the optimiser and the scheduler."""
+
+    def __init__(self, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any,
+                 max_grad_norm: float | None) -> None:
+        self.model = self.module = model
+        self.optimizer, self.scheduler, self.max_grad_norm = optimizer, scheduler, max_grad_norm
+        self.params = [p for p in model.parameters() if p.requires_grad]
+
+    def backward(self, loss: Tensor, *, boundary: bool) -> None:
+        loss.backward()
+
+    def agree(self, count: int) -> int:
+        return count
+
+    def optimizer_step(self) -> float:
+        for p in self.params:  # a parameter no loss reached has gradient 0 (the optimiser still steps)
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        if self.max_grad_norm is not None:
+            norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm))
+        else:
+            norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad)
+                                                               for p in self.params if p.grad is not None])))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def scheduler_step(self) -> None:
+        self.scheduler.step()
+
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def full_state(self) -> dict[str, Tensor]:
+        return {k: v.detach().to("cpu").contiguous().clone() for k, v in self.model.state_dict().items()}
+
+    def save(self, directory: Path) -> None:
+        from safetensors.torch import save_file
+
+        directory.mkdir(parents=True, exist_ok=True)
+        trainable = {n for n, p in self.model.named_parameters() if p.requires_grad}
+        weights = {k: v.detach().contiguous().clone() for k, v in self.model.state_dict().items() if k in trainable}
+        save_file(weights, str(directory / "model.safetensors"))
+        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                   directory / "optimizer.pt")
+
+    def load(self, directory: Path) -> None:
+        from safetensors.torch import load_file
+
+        weights = load_file(str(directory / "model.safetensors"))
+        unknown = set(weights) - set(self.model.state_dict())
+        if unknown:
+            raise ValueError(f"checkpoint {directory} has weights the model lacks (e.g. {sorted(unknown)[0]!r})")
+        self.model.load_state_dict(weights, strict=False)
+        state = torch.load(directory / "optimizer.pt", weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The reference policy
+# ---------------------------------------------------------------------------------------------------------------
+class Reference:
+    """The frozen reference policy: under LoRA the base model with its adapters disabled (no second copy), else a
+    frozen copy of the initial weights."""
+
+    def __init__(self, model: Any, *, lora: bool) -> None:
+        self._model = model
+        self._frozen = None
+        if not lora:
+            import copy
+
+            self._frozen = copy.deepcopy(model).eval()
+            for p in self._frozen.parameters():
+                p.requires_grad_(False)
+
+    @contextmanager
+    def model(self) -> Iterator[Any]:
+        if self._frozen is not None:
+            yield self._frozen
+            return
+        with self._model.disable_adapter():
+            yield self._model
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Statistics: what each learner (or rank) reports, and the one merge for one or several of them
+# ---------------------------------------------------------------------------------------------------------------
+ADDITIVE = ("loss", "pg_loss", "kl")  # shares of the step's loss: they add up over micro-batches and ranks
+_WEIGHTS = ("update/active_tokens", "update/tokens", "update/rows", "update/active_rows", "update/pairs")
+_SAME_ON_EVERY_RANK = ("grad_norm", "lr")
+
+
+def merge_stats(parts: Sequence[dict[str, float]]) -> dict[str, float]:
+    """The step's statistics from those of its shares (one part in-process, one per rank on Ray).
+
+    Loss terms add up; per-token statistics are weighted by the tokens each share put through the model
+    (``is/*``: by all its tokens; preference stats by its pairs); ``grad_norm`` and ``lr`` are global already;
+    the skipped share is counted in rows. ``time/learner_compute`` is the slowest share (they run in parallel).
+    """
+    keys = sorted({k for p in parts for k in p} - set(_WEIGHTS))
+    out: dict[str, float] = {}
+    active = [p.get("update/active_tokens", 0.0) for p in parts]
+    tokens = [p.get("update/tokens", 0.0) for p in parts]
+    pairs = [p.get("update/pairs", 0.0) for p in parts]
+    for key in keys:
+        values = [p.get(key) for p in parts]
+        if key in ADDITIVE:
+            out[key] = sum(v for v in values if v is not None)
+        elif key in _SAME_ON_EVERY_RANK:
+            out[key] = next(v for v in values if v is not None)
+        elif key == "time/learner_compute":
+            out[key] = max(v for v in values if v is not None)
+        else:
+            weights = pairs if any(pairs) else tokens if key.startswith("is/") else active
+            present = [(v, w) for v, w in zip(values, weights, strict=True) if v is not None and w > 0]
+            if present:
+                out[key] = sum(v * w for v, w in present) / sum(w for _, w in present)
+    if any("update/rows" in p for p in parts):
+        rows = sum(p.get("update/rows", 0.0) for p in parts)
+        out["update/skipped_rows_frac"] = 1.0 - sum(p.get("update/active_rows", 0.0) for p in parts) / max(rows, 1)
+    return out
+
+
+class _Weights:
+    """What both learners share: the trained weights and the checkpoint of their strategy."""
+
+    strategy: Strategy
+
+    def policy_state(self) -> dict[str, Tensor]:
+        """The trained weights on CPU: the LoRA adapter alone (PEFT names) under LoRA, else the full model."""
+        if hasattr(self.strategy.model, "peft_config"):
+            from peft import get_peft_model_state_dict
+
+            state = get_peft_model_state_dict(self.strategy.model)
+            return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+        return self.strategy.full_state()
+
+    def save(self, directory: Path) -> None:
+        self.strategy.save(directory)
+
+    def load(self, directory: Path) -> None:
+        self.strategy.load(directory)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Policy learner
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class PolicyLearner(_Weights):
+    """One optimiser step of a policy algorithm per :meth:`step` (``updates_per_batch`` > 1: several, re-using the
+    batch off-policy).
+
+    Micro-batches hold whole groups (``micro_batch_size`` rows at most, at least one group). Groups whose
+    advantages are all exactly 0 are skipped when that is exact (:func:`~align.objective.active_rows`).
+    """
+
+    spec: AlgorithmSpec
+    strategy: Strategy
+    reference: Reference | None = None
+    temperature: float = 1.0
+    micro_batch_size: int = 64
+    updates_per_batch: int = 1
+    precision: Precision = "no"
+    version: int = 0
+
+    def __post_init__(self) -> None:
+        if self.spec.kind != "policy":
+            raise ValueError(f"PolicyLearner needs a policy algorithm, got {self.spec.name!r} ({self.spec.kind})")
+
+    # -- forward passes without gradient ------------------------------------------------------------------------
+    def _forward(self, module: Any, batch: Any, *, with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+        with torch.no_grad(), autocast(self.precision, self.strategy.model):
+            logp, entropy, _ = response_forward(module, batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
+                                                batch.mask, temperature=self.temperature, with_entropy=with_entropy)
+        return logp, entropy
+
+    def logprobs(self, batch: Any) -> Tensor:
+        """(B, T) log-probs of ``batch``'s completion tokens under the current weights (a Rollout or a batch)."""
+        self.strategy.model.eval()
+        return self._forward(self.strategy.module, batch)[0]
+
+    def ref_logprobs(self, batch: Any) -> Tensor:
+        """(B, T) log-probs under the reference policy."""
+        if self.reference is None:
+            raise ValueError(f"algorithm {self.spec.name!r} reads no reference model; none was loaded")
+        with self.reference.model() as ref:
+            return self._forward(ref, batch)[0]
+
+    def entropy(self, batch: Any) -> Tensor:
+        """(B, T) entropy of the policy at each completion position (for credit modules that follow it)."""
+        self.strategy.model.eval()
+        entropy = self._forward(self.strategy.module, batch, with_entropy=True)[1]
+        assert entropy is not None
+        return entropy
+
+    # -- the step -------------------------------------------------------------------------------------------------
+    def _importance_weighted(self, batch: PolicyBatch) -> tuple[PolicyBatch, dict[str, float]]:
+        """Rows sampled by an older policy: the learner's own log-probs before the update become pi_old (the
+        proximal policy of the PPO ratio) and the advantages are weighted by the truncated importance ratio
+        min(pi_learner / pi_rollout, is_cap), per token or per sequence (geometric mean over the row's tokens;
+        truncated IS, Espeholt et al. 2018, arXiv 1802.01561 eq. 1, as used by AReaL's decoupled PPO)."""
+        mask = batch.mask
+        proximal = self.logprobs(batch)  # (B, T)
+        log_w = proximal - batch.logp
+        if batch.off_policy == "sequence":
+            log_w = ((log_w * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)).expand_as(mask)
+        weight = log_w.exp()
+        tokens = mask.sum().clamp(min=1)
+        stats = {"is/weight_mean": float((weight * mask).sum() / tokens),
+                 "is/truncated_frac": float(((weight > batch.is_cap).float() * mask).sum() / tokens)}
+        return replace(batch, advantages=batch.advantages * weight.clamp(max=batch.is_cap) * mask,
+                       logp=proximal), stats
+
+    def _micro_batches(self, batch: PolicyBatch, active: Tensor) -> list[Tensor]:
+        """Row indices of micro-batches made of whole active groups."""
+        groups = batch.group_ids[active].unique_consecutive()
+        sizes = torch.stack([(batch.group_ids == g).sum() for g in groups]) if len(groups) else torch.zeros(0)
+        out: list[Tensor] = []
+        start = 0
+        while start < len(groups):  # greedily fill up to micro_batch_size rows, at least one group
+            end, rows = start + 1, int(sizes[start])
+            while end < len(groups) and rows + int(sizes[end]) <= self.micro_batch_size:
+                rows += int(sizes[end])
+                end += 1
+            out.append((torch.isin(batch.group_ids, groups[start:end]) & active).nonzero().squeeze(-1))
+            start = end
+        return out
+
+    def step(self, batch: PolicyBatch) -> dict[str, float]:
+        """One optimiser step (``updates_per_batch`` of them) over ``batch``; returns this share's statistics
+        (merge several shares with :func:`merge_stats`)."""
+        start = time.perf_counter()
+        stats: dict[str, float] = {}
+        if batch.off_policy is not None:
+            batch, stats = self._importance_weighted(batch)
+        active = active_rows(self.spec, batch.advantages, batch.mask, batch.group_ids)
+        if batch.standin:
+            active = torch.zeros_like(active)
+        micro_batches = self._micro_batches(batch, active)
+        # stand-ins: one row at loss scale 0, so that a share with nothing to move still steps the optimiser, and
+        # every rank runs as many forward passes as the busiest one
+        scales = [1.0] * len(micro_batches) + [0.0] * (self.strategy.agree(max(1, len(micro_batches)))
+                                                       - len(micro_batches))
+        micro_batches += [torch.arange(1)] * (len(scales) - len(micro_batches))
+        tokens = float(batch.mask[active].sum())
+        sums: dict[str, float] = {}
+        weighted: dict[str, float] = {}
+        gap_sum = entropy_sum = grad_norm = 0.0
+        # eval mode: dropout would make pi_theta differ from the pi_old that sampled (ratio != 1 at mu = 1);
+        # gradients flow as usual
+        self.strategy.model.eval()
+        for update in range(self.updates_per_batch):
+            for i, (rows, scale) in enumerate(zip(micro_batches, scales, strict=True)):
+                part = batch.take(rows)
+                with autocast(self.precision, self.strategy.model):
+                    logp, entropy, _ = response_forward(self.strategy.module, part.prompt_ids, part.prompt_mask,
+                                                        part.completion_ids, part.mask, temperature=self.temperature,
+                                                        with_entropy=True)
+                inputs = PolicyInputs(logp=logp, old_logp=part.logp, advantages=part.advantages, mask=part.mask,
+                                      token_ids=part.completion_ids, group_ids=part.group_ids, entropy=entropy)
+                loss, loss_stats = policy_step_loss(self.spec, inputs, batch.normalizer, ref_logp=part.ref_logp)
+                self.strategy.backward(loss * scale, boundary=i == len(micro_batches) - 1)
+                if update == 0 and scale:
+                    share = float(part.mask.sum()) / max(tokens, 1.0)
+                    for key, value in loss_stats.items():
+                        if key in ADDITIVE:
+                            sums[key] = sums.get(key, 0.0) + float(value)
+                        else:
+                            weighted[key] = weighted.get(key, 0.0) + share * float(value)
+                    gap_sum += float(((logp.detach() - part.logp).abs() * part.mask).sum())
+                    assert entropy is not None
+                    entropy_sum += float((entropy * part.mask).sum())
+            grad_norm = self.strategy.optimizer_step()
+        self.strategy.scheduler_step()
+        self.version += 1
+        out = {"loss": 0.0, "pg_loss": 0.0, **sums, **weighted, **stats}  # inert rows add exactly 0 to the loss
+        if tokens > 0:  # with every row skipped there is nothing to report (0 would read as entropy collapse)
+            out["logprob_gap/rollout_vs_learner"] = gap_sum / tokens
+            out["entropy"] = entropy_sum / tokens
+        out.update({"grad_norm": grad_norm, "lr": self.strategy.lr(), "update/active_tokens": tokens,
+                    "update/tokens": 0.0 if batch.standin else float(batch.mask.sum()),
+                    "update/rows": 0.0 if batch.standin else float(len(batch)),
+                    "update/active_rows": float(active.sum()),
+                    "time/learner_compute": time.perf_counter() - start})
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Preference learner
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class PreferenceLearner(_Weights):
+    """One optimiser step of a preference loss (the DPO family, token-level variants included) per :meth:`step`:
+    the mean over the step's pairs, micro-batched. ``tdpo1``/``tdpo2`` get the full-vocabulary logits of policy and
+    reference; ``cdpo``/``tgdpo`` their token weights or rewards from the batch's ``extras``."""
+
+    spec: AlgorithmSpec
+    strategy: Strategy
+    reference: Reference | None = None
+    micro_batch_size: int = 64
+    precision: Precision = "no"
+    version: int = 0
+
+    def __post_init__(self) -> None:
+        if self.spec.preference_loss is None:
+            raise ValueError(f"PreferenceLearner needs a preference algorithm, got {self.spec.name!r}")
+        self.loss_fn = PREFERENCE_LOSSES.get(self.spec.preference_loss)
+        self.needs_logits = bool(PREFERENCE_LOSSES.info(self.spec.preference_loss).get("needs_logits"))
+
+    def _forward(self, model: Any, batch: PairBatch) -> tuple[Tensor, Tensor, Any, Any]:
+        with autocast(self.precision, self.strategy.model):
+            c_logp, _, c_logits = response_forward(model, batch.prompt_ids, batch.prompt_mask, batch.chosen_ids,
+                                                   batch.chosen_mask, return_logits=self.needs_logits)
+            r_logp, _, r_logits = response_forward(model, batch.prompt_ids, batch.prompt_mask, batch.rejected_ids,
+                                                   batch.rejected_mask, return_logits=self.needs_logits)
+        return c_logp, r_logp, c_logits, r_logits
+
+    def _pass(self, batch: PairBatch, *, backward: bool) -> dict[str, float]:
+        total = batch.total or len(batch)
+        sums: dict[str, float] = {}
+        starts = list(range(0, len(batch), self.micro_batch_size))
+        count = self.strategy.agree(len(starts))  # every rank runs as many forward passes as the busiest one
+        for i in range(count):
+            scale = 0.0 if batch.standin or i >= len(starts) else 1.0
+            start = starts[i] if i < len(starts) else 0
+            part = batch.take(torch.arange(start, min(len(batch), start + self.micro_batch_size)))
+            with torch.set_grad_enabled(backward):
+                c_logp, r_logp, c_logits, r_logits = self._forward(self.strategy.module, part)
+            ref_c = ref_r = ref_c_logits = ref_r_logits = None
+            if self.reference is not None:
+                with torch.no_grad(), self.reference.model() as ref:
+                    ref_c, ref_r, ref_c_logits, ref_r_logits = self._forward(ref, part)
+            inputs = PreferenceInputs(chosen_logp=c_logp, rejected_logp=r_logp, chosen_mask=part.chosen_mask,
+                                      rejected_mask=part.rejected_mask, ref_chosen_logp=ref_c,
+                                      ref_rejected_logp=ref_r)
+            kwargs: dict[str, Any] = {**self.spec.preference_kwargs, **part.extras}
+            if self.needs_logits:
+                kwargs.update(chosen_logits=c_logits, rejected_logits=r_logits, ref_chosen_logits=ref_c_logits,
+                              ref_rejected_logits=ref_r_logits)
+            per_pair, stats = self.loss_fn(inputs, **kwargs)
+            loss = per_pair.sum() / total
+            if backward:
+                self.strategy.backward(loss * scale, boundary=i == count - 1)
+            if scale:
+                share = len(part) / len(batch)
+                sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
+                for key, value in stats.items():
+                    sums[key] = sums.get(key, 0.0) + share * float(value)
+        sums["update/pairs"] = 0.0 if batch.standin else float(len(batch))
+        return sums
+
+    def step(self, batch: PairBatch) -> dict[str, float]:
+        start = time.perf_counter()
+        self.strategy.model.train()
+        stats = self._pass(batch, backward=True)
+        stats["grad_norm"] = self.strategy.optimizer_step()
+        self.strategy.scheduler_step()
+        stats["lr"] = self.strategy.lr()
+        self.version += 1
+        stats["time/learner_compute"] = time.perf_counter() - start
+        return stats
+
+    def evaluate(self, batch: PairBatch) -> dict[str, float]:
+        """The loss and its statistics on held-out pairs, without a gradient."""
+        self.strategy.model.eval()
+        with torch.no_grad():
+            return self._pass(batch, backward=False)
+
+
+class InProcessLearner:
+    """The :class:`~align.trainers.protocols.Learner` protocol over one learner in this process (the local runtime;
+    the Ray runtime's proxy does the same over several ranks)."""
+
+    def __init__(self, learner: PolicyLearner | PreferenceLearner) -> None:
+        self.learner = learner
+
+    @property
+    def model(self) -> Any:
+        return self.learner.strategy.model
+
+    def step(self, batch: Any) -> dict[str, float]:
+        return merge_stats([self.learner.step(batch)])
+
+    def evaluate(self, batch: PairBatch) -> dict[str, float]:
+        assert isinstance(self.learner, PreferenceLearner)
+        return merge_stats([self.learner.evaluate(batch)])
+
+    def logprobs(self, batch: Any) -> Tensor:
+        assert isinstance(self.learner, PolicyLearner)
+        return self.learner.logprobs(batch)
+
+    def ref_logprobs(self, batch: Any) -> Tensor:
+        assert isinstance(self.learner, PolicyLearner)
+        return self.learner.ref_logprobs(batch)
+
+    def entropy(self, batch: Any) -> Tensor:
+        assert isinstance(self.learner, PolicyLearner)
+        return self.learner.entropy(batch)
+
+    def policy_state(self) -> dict[str, Tensor]:
+        return self.learner.policy_state()
+
+    def save(self, directory: Path) -> None:
+        self.learner.save(directory)
+
+    def load(self, directory: Path) -> None:
+        self.learner.load(directory)

@@ -1,0 +1,221 @@
+"""Workloads: what one step of the controller loop feeds the learner.
+
+:class:`PolicyWorkload`: prompts -> rollout -> rewards -> filter -> reference / entropy -> credit -> advantages ->
+:class:`~align.trainers.learner.PolicyBatch`. :class:`PreferenceWorkload`: pairs -> token credit ->
+:class:`~align.trainers.learner.PairBatch`. Both talk to the parts only through the core's protocols, so the same
+code runs whether the parts live in this process or behind Ray actors.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from align.advantages import ADVANTAGES, nonuniform_groups
+from align.algorithms import AlgorithmSpec
+from align.losses import StepNormalizer, kl_reward_penalty
+from align.ops import last_token_mask, masked_mean
+from align.trainers.learner import OffPolicy, PairBatch, PolicyBatch
+from align.trainers.protocols import CreditFunction, Learner, RewardFunction, Rollout, RolloutEngine, SamplingParams
+from align.trainers.sampler import PromptSampler
+
+
+@dataclass
+class Collected:
+    """A step's batch for the learner, what was measured while building it, and what the sample log keeps."""
+
+    batch: Any  # PolicyBatch | PairBatch | None (nothing to train on this step)
+    metrics: dict[str, float]
+    rollout: Rollout | None = None  # the rows trained on
+    rewards: Tensor | None = None  # (B,) their sequence rewards
+    advantages: Tensor | None = None  # (B, T)
+    credit: dict[str, Tensor] = field(default_factory=dict)  # the credit module's (B, T) output, by name
+
+
+def estimate_advantages(
+    spec: AlgorithmSpec,
+    batch: Rollout,
+    rewards: Tensor,
+    *,
+    ref_logp: Tensor | None,
+    credit_fn: CreditFunction | None,
+    entropy: Tensor | None = None,
+) -> tuple[Tensor, dict[str, float], dict[str, Tensor]]:
+    """Advantages (B, T) of a batch: KL-in-reward penalty, credit module, estimator, credit weights.
+
+    rewards: (B,) sequence rewards; ref_logp: (B, T), needed when the KL term sits in the reward. The credit
+    module spreads the sequence reward; the KL penalty is added afterwards, so that no module can drop or
+    re-weight it. Returns (advantages, metrics, credit by name).
+    """
+    metrics: dict[str, float] = {}
+    credit_out: dict[str, Tensor] = {}
+    estimator_input: Tensor = rewards.to(torch.float64 if rewards.dtype == torch.float64 else torch.float32)
+    token_rewards = None
+    if spec.kl is not None and spec.kl_placement == "reward":
+        assert ref_logp is not None
+        token_rewards = kl_reward_penalty(batch.logp, ref_logp, batch.mask, coef=spec.kl_coef, estimator=spec.kl)
+        metrics["kl_reward_penalty"] = float(token_rewards.sum(-1).mean())
+        terminal = torch.where(last_token_mask(batch.mask), estimator_input.unsqueeze(-1), 0.0)
+        estimator_input = terminal + token_rewards
+    weights = None
+    if credit_fn is not None:
+        credit = credit_fn(batch, rewards, logp=batch.logp, entropy=entropy, token_rewards=None)
+        credit_out[spec.credit or "credit"] = credit.values
+        if credit.output == "rewards":
+            estimator_input = credit.values.to(torch.float32)
+            if token_rewards is not None:
+                estimator_input = estimator_input + token_rewards
+        else:
+            weights = credit.values.to(torch.float32)
+    advantages = ADVANTAGES.get(spec.advantage or "grpo")(estimator_input, batch.mask, batch.group_ids,
+                                                          **spec.advantage_kwargs)
+    if weights is not None:
+        advantages = advantages * weights
+    metrics["advantage/mean"] = float(masked_mean(advantages, batch.mask))
+    metrics["advantage/abs_mean"] = float(masked_mean(advantages.abs(), batch.mask))
+    return advantages.to(torch.float32), metrics, credit_out
+
+
+class _Ready:
+    def __init__(self, rollout: Rollout) -> None:
+        self.rollout = rollout
+
+    def result(self) -> Rollout:
+        return self.rollout
+
+
+@dataclass
+class PolicyWorkload:
+    """Sampled prompts, scored and turned into advantages. ``overlap``: the next step's rollout is submitted before
+    this step's update (one step off-policy; the learner importance-weights it, ``is_level``/``is_cap``)."""
+
+    spec: AlgorithmSpec
+    engine: RolloutEngine
+    rewards: RewardFunction
+    learner: Learner
+    prompts: Sequence[str]
+    columns: dict[str, Sequence[Any]]
+    sampler: PromptSampler
+    prompts_per_step: int
+    samples_per_prompt: int
+    sampling: SamplingParams
+    credit: CreditFunction | None = None
+    accuracy_reward: str | None = None  # a 0/1 verifier among the rewards, reported as "accuracy"
+    overlap: bool = False
+    is_level: OffPolicy = "token"
+    is_cap: float = 2.0
+    _pending: Any = None
+
+    def _submit(self) -> Any:
+        index = self.sampler.next(self.prompts_per_step)
+        prompts = [self.prompts[i] for i in index]
+        columns = {k: [v[i] for i in index] for k, v in self.columns.items()}
+        seed = int(torch.randint(0, 2**31 - 1, (1,)))  # from the controller's RNG: a resumed run samples the same
+        submit = getattr(self.engine, "submit", None)
+        if submit is not None:
+            return submit(prompts, columns, samples_per_prompt=self.samples_per_prompt, params=self.sampling,
+                          seed=seed)
+        return _Ready(self.engine.generate(prompts, columns, samples_per_prompt=self.samples_per_prompt,
+                                           params=self.sampling, seed=seed))
+
+    def collect(self, step: int, version: int, last_step: bool) -> Collected:
+        start = time.perf_counter()
+        pending = self._pending or self._submit()
+        self._pending = self._submit() if self.overlap and not last_step else None
+        rollout: Rollout = pending.result()
+        metrics: dict[str, float] = {"time/rollout": time.perf_counter() - start,
+                                     "time/generate": rollout.timings.get("generate", time.perf_counter() - start)}
+        reward_start = time.perf_counter()
+        result = self.rewards(rollout, step)
+        metrics["time/reward"] = time.perf_counter() - reward_start
+        metrics.update(result.metrics)
+        metrics.update(self._rollout_metrics(rollout, result.per_reward))
+        lag = version - rollout.weight_version  # 0 on-policy, 1 with overlap
+        metrics["off_policy_lag"] = float(lag)
+        keep = result.valid.clone()
+        if self.spec.drop_uniform_groups and bool(keep.any()):
+            filled = torch.where(keep, result.rewards, torch.zeros_like(result.rewards))
+            informative = nonuniform_groups(filled[keep], rollout.mask[keep], rollout.group_ids[keep])
+            keep[keep.nonzero().squeeze(-1)[~informative]] = False
+            metrics["filter/uniform_group_frac"] = 1.0 - float(informative.float().mean())
+        metrics["filter/kept_frac"] = float(keep.float().mean())
+        if not bool(keep.any()):
+            return Collected(None, metrics)
+        batch = rollout.select(keep)
+        rewards = result.rewards[keep]
+        ref_logp = None
+        if self.spec.kl is not None:  # no forward (nor Ray round trip) when nothing reads a reference
+            reference_start = time.perf_counter()
+            ref_logp = self.learner.ref_logprobs(batch)
+            metrics["time/reference"] = time.perf_counter() - reference_start
+        entropy = self.learner.entropy(batch) if getattr(self.credit, "needs_entropy", False) else None
+        advantages, extra, credit = estimate_advantages(self.spec, batch, rewards, ref_logp=ref_logp,
+                                                        credit_fn=self.credit, entropy=entropy)
+        metrics.update(extra)
+        in_loss = self.spec.kl is not None and self.spec.kl_placement == "loss"
+        train = PolicyBatch(prompt_ids=batch.prompt_ids, prompt_mask=batch.prompt_mask,
+                            completion_ids=batch.completion_ids, mask=batch.mask, logp=batch.logp,
+                            advantages=advantages, group_ids=batch.group_ids,
+                            normalizer=StepNormalizer.from_masks(batch.mask,
+                                                                 generation_budget=self.spec.generation_budget),
+                            ref_logp=ref_logp if in_loss else None, off_policy=self.is_level if lag > 0 else None,
+                            is_cap=self.is_cap)
+        return Collected(train, metrics, batch, rewards, advantages, credit)
+
+    def _rollout_metrics(self, rollout: Rollout, per_reward: dict[str, Tensor]) -> dict[str, float]:
+        lengths = rollout.mask.sum(-1)
+        metrics = {
+            "response_length/mean": float(lengths.mean()),
+            "response_length/max": float(lengths.max()),
+            "response_length/clipped_frac": float((rollout.mask[:, -1] != 0).float().mean())
+            if rollout.mask.shape[1] >= self.sampling.max_new_tokens else 0.0,
+        }
+        name = self.accuracy_reward
+        if name is not None and name in per_reward:
+            values = per_reward[name]
+            good = torch.isfinite(values)
+            metrics["accuracy"] = float((values[good] >= 1.0 - 1e-9).float().mean()) if bool(good.any()) else math.nan
+        return metrics
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sampler": self.sampler.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sampler.load_state_dict(state["sampler"])
+
+
+TokenCredit = Callable[[PairBatch], dict[str, Tensor]]
+"""(pairs) -> the token-level loss's extra inputs (cDPO's ``rejected_weights``, TGDPO's token rewards)."""
+
+
+@dataclass
+class PreferenceWorkload:
+    """Pairs in a seeded order, tokenised, with token credit for the token-level losses."""
+
+    pairs: Any  # a dataset with prompt / chosen / rejected
+    tokenize: Callable[[Sequence[Any], Sequence[Any], Sequence[Any]], PairBatch]
+    sampler: PromptSampler
+    pairs_per_step: int
+    token_credit: TokenCredit | None = None
+
+    def batch(self, rows: Any) -> PairBatch:
+        pairs = self.tokenize(rows["prompt"], rows["chosen"], rows["rejected"])
+        if self.token_credit is not None:
+            pairs = PairBatch(pairs.prompt_ids, pairs.prompt_mask, pairs.chosen_ids, pairs.chosen_mask,
+                              pairs.rejected_ids, pairs.rejected_mask, self.token_credit(pairs))
+        return pairs
+
+    def collect(self, step: int, version: int, last_step: bool) -> Collected:
+        return Collected(self.batch(self.pairs.select(self.sampler.next(self.pairs_per_step))), {})
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sampler": self.sampler.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sampler.load_state_dict(state["sampler"])
