@@ -27,8 +27,9 @@ from align.data.loading import as_text, load_prompt_dataset
 from align.data.tasks import build_task
 from align.trainers.checkpoint import latest_checkpoint
 from align.trainers.evaluate import Verifier, greedy_accuracy
-from align.trainers.learner import PolicyLearner, PreferenceLearner, Reference, Strategy
+from align.trainers.learner import PolicyLearner, PreferenceLearner
 from align.trainers.optim import build_optimizer, build_scheduler
+from align.trainers.strategy import Reference, Strategy
 
 CACHE_VERSION = 1
 

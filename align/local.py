@@ -14,7 +14,8 @@ from align.build import engine_name, engine_options, make_learner, policy_model
 from align.components import Parts, RunPlan
 from align.config import Recipe, RecipeError
 from align.trainers.engines import get_engine_factory
-from align.trainers.learner import InProcessLearner, TorchStrategy
+from align.trainers.learner import InProcessLearner
+from align.trainers.strategy import TorchStrategy
 
 _RAY_ONLY = "applies to backend: ray (the local runtime runs one learner, its engine and rewards in this process)"
 

@@ -29,7 +29,7 @@ from align.components import Parts, RunPlan, check_runtime, get_runtime, rewards
 from align.config import Recipe
 from align.data.loading import load_preference_dataset
 from align.trainers.checkpoint import latest_checkpoint
-from align.trainers.controller import Controller, Schedule
+from align.trainers.controller import Controller, Schedule, Workload
 from align.trainers.metrics import MetricsLogger
 from align.trainers.preference import task_pairs, tokenize_pairs
 from align.trainers.probe import ProbeCheck
@@ -59,6 +59,7 @@ def run(recipe: Recipe, spec: AlgorithmSpec, *, resume: str | Path | bool, log: 
     parts = runtime.place(RunPlan(recipe, spec, base, tokenizer, provider, log))
     try:
         seed_everything(recipe.seed + 1)  # the training stream starts from a known state (a resume restores its own)
+        workload: Workload
         if spec.kind == "preference":
             workload, evaluate, probe_prompts = _preference(recipe, parts, tokenizer)
         else:

@@ -15,224 +15,24 @@ Shapes: B rows, T response tokens, P prompt tokens.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from align.algorithms import AlgorithmSpec
-from align.losses import PREFERENCE_LOSSES, PolicyInputs, PreferenceInputs, StepNormalizer
+from align.losses import PREFERENCE_LOSSES, PolicyInputs, PreferenceInputs
 from align.objective import active_rows, policy_step_loss
+from align.trainers.batches import OffPolicy, PairBatch, PolicyBatch
 from align.trainers.precision import Precision, autocast
 from align.trainers.sequences import response_forward
+from align.trainers.strategy import Reference, Strategy
 
-OffPolicy = Literal["token", "sequence"]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Batches the learner trains on (tensors only: they travel to Ray ranks as they are)
-# ---------------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class PolicyBatch:
-    """One optimiser step's rows (or one rank's share of them), grouped by prompt (groups are contiguous)."""
-
-    prompt_ids: Tensor  # (B, P) long, left-padded
-    prompt_mask: Tensor  # (B, P)
-    completion_ids: Tensor  # (B, T) long, right-padded
-    mask: Tensor  # (B, T) float, 1 = trainable token
-    logp: Tensor  # (B, T) log-probs under the sampling policy (pi_old of an on-policy step)
-    advantages: Tensor  # (B, T)
-    group_ids: Tensor  # (B,) long
-    normalizer: StepNormalizer  # counts of the whole step, not of this share
-    ref_logp: Tensor | None = None  # (B, T) when a KL term sits in the loss
-    off_policy: OffPolicy | None = None  # sampled by an older policy: importance-weight the advantages
-    is_cap: float = 2.0
-    standin: bool = False  # a rank with no rows of its own: one row at loss scale 0 (collectives need a backward)
-
-    def __len__(self) -> int:
-        return int(self.mask.shape[0])
-
-    def take(self, rows: Tensor) -> PolicyBatch:
-        """The rows ``rows`` (long indices), with the same step-wide normaliser."""
-        return replace(self, prompt_ids=self.prompt_ids[rows], prompt_mask=self.prompt_mask[rows],
-                       completion_ids=self.completion_ids[rows], mask=self.mask[rows], logp=self.logp[rows],
-                       advantages=self.advantages[rows], group_ids=self.group_ids[rows],
-                       ref_logp=None if self.ref_logp is None else self.ref_logp[rows])
-
-    def shards(self, world_size: int) -> list[PolicyBatch]:
-        """One share per rank: whole groups dealt round-robin (GTPO's conflict weights need the whole group); a rank
-        left without a group gets a stand-in row that adds nothing."""
-        out = []
-        for rows in shard_groups(self.group_ids, world_size):
-            out.append(self.take(rows) if len(rows) else replace(self.take(torch.arange(1)), standin=True))
-        return out
-
-
-@dataclass(frozen=True)
-class PairBatch:
-    """Tokenised preference pairs: prompt (B, P) left-padded; chosen (B, Tc) and rejected (B, Tr) right-padded.
-
-    ``extras`` holds per-token inputs of token-level losses by keyword ((B, Tc) / (B, Tr)): cDPO's
-    ``rejected_weights``, TGDPO's ``chosen_token_rewards`` and ``rejected_token_rewards``. ``total`` is the
-    number of pairs of the whole step (the loss is a mean over it)."""
-
-    prompt_ids: Tensor
-    prompt_mask: Tensor
-    chosen_ids: Tensor
-    chosen_mask: Tensor
-    rejected_ids: Tensor
-    rejected_mask: Tensor
-    extras: dict[str, Tensor] = field(default_factory=dict)
-    total: int = 0  # 0 = len(self)
-    standin: bool = False
-
-    def __len__(self) -> int:
-        return int(self.prompt_ids.shape[0])
-
-    def take(self, rows: Tensor) -> PairBatch:
-        return PairBatch(self.prompt_ids[rows], self.prompt_mask[rows], self.chosen_ids[rows],
-                         self.chosen_mask[rows], self.rejected_ids[rows], self.rejected_mask[rows],
-                         {k: v[rows] for k, v in self.extras.items()}, total=self.total or len(self))
-
-    def shards(self, world_size: int) -> list[PairBatch]:
-        out = []
-        for rank in range(world_size):
-            rows = torch.arange(rank, len(self), world_size)
-            out.append(self.take(rows) if len(rows) else replace(self.take(torch.arange(1)), standin=True))
-        return out
-
-
-def shard_groups(group_ids: Tensor, world_size: int) -> list[Tensor]:
-    """Row indices per rank: whole groups, dealt round-robin."""
-    groups = group_ids.unique_consecutive()
-    return [torch.isin(group_ids, groups[r::world_size]).nonzero().squeeze(-1) for r in range(world_size)]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# How gradients are applied
-# ---------------------------------------------------------------------------------------------------------------
-class Strategy(Protocol):
-    """Applies a learner's gradients: plain torch in one process, or a DeepSpeed engine on one of several ranks."""
-
-    model: Any  # the trained model (under LoRA the PEFT model)
-    module: Any  # what forward passes run on: the model, or the DeepSpeed engine around it
-
-    def backward(self, loss: Tensor, *, boundary: bool) -> None:
-        """Accumulate the gradient of ``loss`` (this rank's share); ``boundary``: the optimiser step's last one."""
-        ...
-
-    def optimizer_step(self) -> float:
-        """Clip, step, clear the gradients; returns the global gradient norm before clipping."""
-        ...
-
-    def agree(self, count: int) -> int:
-        """The largest ``count`` over ranks. Ranks run as many forward passes as the busiest one (with stand-ins
-        at loss scale 0), since partitioned weights (ZeRO-3) are gathered collectively in every forward."""
-        ...
-
-    def scheduler_step(self) -> None: ...
-
-    def lr(self) -> float: ...
-
-    def full_state(self) -> dict[str, Tensor]:
-        """Every weight of the model on CPU (gathered where a strategy partitions them)."""
-        ...
-
-    def save(self, directory: Path) -> None:
-        """Weights, optimiser and scheduler state into ``directory`` (every rank calls it)."""
-        ...
-
-    def load(self, directory: Path) -> None: ...
-
-
-class TorchStrategy:
-    """One process: ``loss.backward()``, gradient clipping, the optimiser and the scheduler."""
-
-    def __init__(self, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any,
-                 max_grad_norm: float | None) -> None:
-        self.model = self.module = model
-        self.optimizer, self.scheduler, self.max_grad_norm = optimizer, scheduler, max_grad_norm
-        self.params = [p for p in model.parameters() if p.requires_grad]
-
-    def backward(self, loss: Tensor, *, boundary: bool) -> None:
-        loss.backward()
-
-    def agree(self, count: int) -> int:
-        return count
-
-    def optimizer_step(self) -> float:
-        for p in self.params:  # a parameter no loss reached has gradient 0 (the optimiser still steps)
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        if self.max_grad_norm is not None:
-            norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm))
-        else:
-            norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad)
-                                                               for p in self.params if p.grad is not None])))
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return norm
-
-    def scheduler_step(self) -> None:
-        self.scheduler.step()
-
-    def lr(self) -> float:
-        return float(self.optimizer.param_groups[0]["lr"])
-
-    def full_state(self) -> dict[str, Tensor]:
-        return {k: v.detach().to("cpu").contiguous().clone() for k, v in self.model.state_dict().items()}
-
-    def save(self, directory: Path) -> None:
-        from safetensors.torch import save_file
-
-        directory.mkdir(parents=True, exist_ok=True)
-        trainable = {n for n, p in self.model.named_parameters() if p.requires_grad}
-        weights = {k: v.detach().contiguous().clone() for k, v in self.model.state_dict().items() if k in trainable}
-        save_file(weights, str(directory / "model.safetensors"))
-        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
-                   directory / "optimizer.pt")
-
-    def load(self, directory: Path) -> None:
-        from safetensors.torch import load_file
-
-        weights = load_file(str(directory / "model.safetensors"))
-        unknown = set(weights) - set(self.model.state_dict())
-        if unknown:
-            raise ValueError(f"checkpoint {directory} has weights the model lacks (e.g. {sorted(unknown)[0]!r})")
-        self.model.load_state_dict(weights, strict=False)
-        state = torch.load(directory / "optimizer.pt", weights_only=False)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The reference policy
-# ---------------------------------------------------------------------------------------------------------------
-class Reference:
-    """The frozen reference policy: under LoRA the base model with its adapters disabled (no second copy), else a
-    frozen copy of the initial weights."""
-
-    def __init__(self, model: Any, *, lora: bool) -> None:
-        self._model = model
-        self._frozen = None
-        if not lora:
-            import copy
-
-            self._frozen = copy.deepcopy(model).eval()
-            for p in self._frozen.parameters():
-                p.requires_grad_(False)
-
-    @contextmanager
-    def model(self) -> Iterator[Any]:
-        if self._frozen is not None:
-            yield self._frozen
-            return
-        with self._model.disable_adapter():
-            yield self._model
+__all__ = ["InProcessLearner", "OffPolicy", "PairBatch", "PolicyBatch", "PolicyLearner", "PreferenceLearner",
+           "Reference", "Strategy", "merge_stats"]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,94 @@
+"""What a learner trains on: one optimiser step's rows (or one rank's share of them), tensors only, so that they
+travel to Ray ranks as they are. The step-wide normaliser and pair count travel with them: a share's loss is its
+exact share of the step's loss.
+
+Shapes: B rows, T response tokens, P prompt tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from align.losses import StepNormalizer
+
+OffPolicy = Literal["token", "sequence"]
+
+
+@dataclass(frozen=True)
+class PolicyBatch:
+    """One optimiser step's rows (or one rank's share of them), grouped by prompt (groups are contiguous)."""
+
+    prompt_ids: Tensor  # (B, P) long, left-padded
+    prompt_mask: Tensor  # (B, P)
+    completion_ids: Tensor  # (B, T) long, right-padded
+    mask: Tensor  # (B, T) float, 1 = trainable token
+    logp: Tensor  # (B, T) log-probs under the sampling policy (pi_old of an on-policy step)
+    advantages: Tensor  # (B, T)
+    group_ids: Tensor  # (B,) long
+    normalizer: StepNormalizer  # counts of the whole step, not of this share
+    ref_logp: Tensor | None = None  # (B, T) when a KL term sits in the loss
+    off_policy: OffPolicy | None = None  # sampled by an older policy: importance-weight the advantages
+    is_cap: float = 2.0
+    standin: bool = False  # a rank with no rows of its own: one row at loss scale 0 (collectives need a backward)
+
+    def __len__(self) -> int:
+        return int(self.mask.shape[0])
+
+    def take(self, rows: Tensor) -> PolicyBatch:
+        """The rows ``rows`` (long indices), with the same step-wide normaliser."""
+        return replace(self, prompt_ids=self.prompt_ids[rows], prompt_mask=self.prompt_mask[rows],
+                       completion_ids=self.completion_ids[rows], mask=self.mask[rows], logp=self.logp[rows],
+                       advantages=self.advantages[rows], group_ids=self.group_ids[rows],
+                       ref_logp=None if self.ref_logp is None else self.ref_logp[rows])
+
+    def shards(self, world_size: int) -> list[PolicyBatch]:
+        """One share per rank: whole groups dealt round-robin (GTPO's conflict weights need the whole group); a rank
+        left without a group gets a stand-in row that adds nothing."""
+        out = []
+        for rows in shard_groups(self.group_ids, world_size):
+            out.append(self.take(rows) if len(rows) else replace(self.take(torch.arange(1)), standin=True))
+        return out
+
+
+@dataclass(frozen=True)
+class PairBatch:
+    """Tokenised preference pairs: prompt (B, P) left-padded; chosen (B, Tc) and rejected (B, Tr) right-padded.
+
+    ``extras`` holds per-token inputs of token-level losses by keyword ((B, Tc) / (B, Tr)): cDPO's
+    ``rejected_weights``, TGDPO's ``chosen_token_rewards`` and ``rejected_token_rewards``. ``total`` is the
+    number of pairs of the whole step (the loss is a mean over it)."""
+
+    prompt_ids: Tensor
+    prompt_mask: Tensor
+    chosen_ids: Tensor
+    chosen_mask: Tensor
+    rejected_ids: Tensor
+    rejected_mask: Tensor
+    extras: dict[str, Tensor] = field(default_factory=dict)
+    total: int = 0  # 0 = len(self)
+    standin: bool = False
+
+    def __len__(self) -> int:
+        return int(self.prompt_ids.shape[0])
+
+    def take(self, rows: Tensor) -> PairBatch:
+        return PairBatch(self.prompt_ids[rows], self.prompt_mask[rows], self.chosen_ids[rows],
+                         self.chosen_mask[rows], self.rejected_ids[rows], self.rejected_mask[rows],
+                         {k: v[rows] for k, v in self.extras.items()}, total=self.total or len(self))
+
+    def shards(self, world_size: int) -> list[PairBatch]:
+        out = []
+        for rank in range(world_size):
+            rows = torch.arange(rank, len(self), world_size)
+            out.append(self.take(rows) if len(rows) else replace(self.take(torch.arange(1)), standin=True))
+        return out
+
+
+def shard_groups(group_ids: Tensor, world_size: int) -> list[Tensor]:
+    """Row indices per rank: whole groups, dealt round-robin."""
+    groups = group_ids.unique_consecutive()
+    return [torch.isin(group_ids, groups[r::world_size]).nonzero().squeeze(-1) for r in range(world_size)]
