@@ -256,8 +256,12 @@ def engine_name(recipe: Recipe) -> str:
 
 
 def engine_options(recipe: Recipe) -> dict[str, Any]:
-    """``rollout.engine_options`` with what the recipe already says (device, dtype, seed) filled in for vLLM."""
+    """``rollout.engine_options`` with what the recipe already says filled in: for vLLM the device, dtype and seed;
+    for transformers ``generate`` the learner's mixed precision (sampling under the same autocast as the update,
+    so pi_old matches the learner)."""
     options = dict(recipe.rollout.engine_options)
+    if engine_name(recipe) == "hf":
+        options.setdefault("precision", recipe.learner.mixed_precision)
     if engine_name(recipe) == "vllm":
         options.setdefault("device", "cuda" if recipe.runtime.device.startswith("cuda") else "cpu")
         options.setdefault("dtype", recipe.model.dtype)

@@ -1,4 +1,4 @@
-"""DPO step throughput, this toolkit's PreferenceStep loop vs TRL's DPOTrainer, side by side.
+"""DPO step throughput, this toolkit's PreferenceLearner vs TRL's DPOTrainer, side by side.
 
 Both get the same offline model (loaded from the same files), the same pairs in the same order of difficulty (a
 prompt and two responses of ``--response-chars`` characters), the same batch of pairs per step, the sigmoid DPO loss
@@ -68,41 +68,30 @@ def make_pairs(s: Settings, count: int) -> dict[str, list[str]]:
 
 
 def run_ours(s: Settings, steps: int) -> list[float]:
+    """The local runtime's preference step without a recipe: pairs tokenised in the step, then one
+    :class:`PreferenceLearner` step (torch strategy, frozen reference copy)."""
     import torch
 
     from align.algorithms import PRESETS
+    from align.trainers.learner import InProcessLearner, PreferenceLearner
     from align.trainers.optim import build_optimizer, build_scheduler
-    from align.trainers.preference import PairBatch, PreferenceStep
+    from align.trainers.preference import tokenize_pairs
+    from align.trainers.strategy import Reference, TorchStrategy
 
     torch.manual_seed(s.seed)
     model, tokenizer = load_model(s.size, s.attn)
-    frozen = copy.deepcopy(model).eval().requires_grad_(False)
-
-    class Reference:
-        def __enter__(self) -> Any:
-            return frozen
-
-        def __exit__(self, *exc: object) -> None:
-            return None
-
     spec = PRESETS.get("dpo")
-    step_fn = PreferenceStep(spec, model, Reference, None, micro_batch_size=s.pairs_per_step,
-                             precision=s.precision)
     optimizer = build_optimizer(model, lr=s.lr, weight_decay=0.0, betas=(0.9, 0.999))
     scheduler = build_scheduler(optimizer, kind="constant", warmup_steps=0, total_steps=steps)
+    learner = InProcessLearner(PreferenceLearner(spec, TorchStrategy(model, optimizer, scheduler, max_grad_norm=1.0),
+                                                 Reference(model, lora=False), micro_batch_size=s.pairs_per_step,
+                                                 precision=s.precision))
     data = make_pairs(s, s.pairs_per_step * steps)
-    params = [p for p in model.parameters() if p.requires_grad]
-    model.train()
     times = []
     last = time.perf_counter()
     for step in range(steps):
         rows = slice(step * s.pairs_per_step, (step + 1) * s.pairs_per_step)
-        batch = PairBatch(tokenizer, data["prompt"][rows], data["chosen"][rows], data["rejected"][rows])
-        optimizer.zero_grad(set_to_none=True)
-        step_fn(batch, backward=True)
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        scheduler.step()
+        learner.step(tokenize_pairs(tokenizer, data["prompt"][rows], data["chosen"][rows], data["rejected"][rows]))
         now = time.perf_counter()
         times.append(now - last)
         last = now

@@ -1,4 +1,4 @@
-"""GRPO iteration throughput and memory, this toolkit's PolicyTrainer vs TRL's GRPOTrainer, side by side.
+"""GRPO iteration throughput and memory, this toolkit's policy workload and learner vs TRL's GRPOTrainer, side by side.
 
 Both trainers get the same offline model (loaded from the same files), the same prompts and reward function, G
 samples per prompt, the same max new tokens, AdamW with the same learning rate, clipping and schedule, the same
@@ -101,18 +101,22 @@ def _common_setup(s: Settings) -> tuple[Any, Any, list[str], list[str], Stopwatc
 
 # -- this toolkit ------------------------------------------------------------------------------------------------
 def run_ours(s: Settings, steps: int, on_ready: Any = None) -> list[StepTime]:
+    """The local runtime's step, driven without a recipe: :class:`PolicyWorkload` (sampler, HF engine, reward,
+    advantages) feeds :class:`PolicyLearner` (torch strategy), then the weight sync (a version bump)."""
     import torch
 
     from align.algorithms import PRESETS
+    from align.trainers.learner import InProcessLearner, PolicyLearner
     from align.trainers.optim import build_optimizer, build_scheduler
-    from align.trainers.policy import PolicyLoopConfig, PolicyTrainer
-    from align.trainers.protocols import RewardResult, SamplingParams
+    from align.trainers.protocols import RewardResult, Rollout, SamplingParams
     from align.trainers.rollout_hf import HFRolloutEngine
     from align.trainers.sampler import PromptSampler
+    from align.trainers.strategy import TorchStrategy
+    from align.trainers.workload import PolicyWorkload
 
     model, tokenizer, prompts, answers, gen_clock, reward_clock = _common_setup(s)
 
-    def score(rollout: Any, step: int) -> RewardResult:
+    def score(rollout: Rollout, step: int) -> RewardResult:
         values = torch.tensor(REWARDS[s.reward](rollout.completions, rollout.columns["answer"]), dtype=torch.float64)
         return RewardResult(rewards=values, valid=torch.ones(len(values), dtype=torch.bool),
                             per_reward={"shaped": values}, metrics={})
@@ -120,22 +124,30 @@ def run_ours(s: Settings, steps: int, on_ready: Any = None) -> list[StepTime]:
     spec = replace(PRESETS.get("grpo"), kl=None, kl_coef=0.0)  # TRL's beta=0, loss_type="grpo"
     optimizer = build_optimizer(model, lr=s.lr, weight_decay=0.0, betas=(0.9, 0.999))
     scheduler = build_scheduler(optimizer, kind="constant", warmup_steps=0, total_steps=steps)
-    config = PolicyLoopConfig(steps=steps, prompts_per_step=s.prompts_per_step, samples_per_prompt=s.group_size,
-                              sampling=SamplingParams(max_new_tokens=s.max_new_tokens, temperature=1.0),
-                              micro_batch_size=s.batch, max_grad_norm=1.0, precision=s.precision)
-    trainer = PolicyTrainer(spec=spec, model=model, engine=HFRolloutEngine(model, tokenizer), reward_fn=score,
-                            optimizer=optimizer, scheduler=scheduler, config=config, prompts=prompts,
-                            columns={"answer": answers}, sampler=PromptSampler(len(prompts), s.seed))
-    trainer.reward_fn = reward_clock.wrap(score)
+    learner = InProcessLearner(PolicyLearner(spec, TorchStrategy(model, optimizer, scheduler, max_grad_norm=1.0),
+                                             reference=None, temperature=1.0, micro_batch_size=s.batch,
+                                             updates_per_batch=1, precision=s.precision))
+    engine = HFRolloutEngine(model, tokenizer, precision=s.precision)  # samples under the learner's autocast
+    workload = PolicyWorkload(spec=spec, engine=engine, rewards=reward_clock.wrap(score), learner=learner,
+                              prompts=prompts, columns={"answer": answers},
+                              sampler=PromptSampler(len(prompts), s.seed), prompts_per_step=s.prompts_per_step,
+                              samples_per_prompt=s.group_size,
+                              sampling=SamplingParams(max_new_tokens=s.max_new_tokens, temperature=1.0))
     if on_ready is not None:
         on_ready()
     times = []
+    version = 0
     last = time.perf_counter()
     for step in range(1, steps + 1):
-        out = trainer.step(step)
+        collected = workload.collect(step, version, last_step=step == steps)
+        metrics = dict(collected.metrics)
+        if collected.batch is not None:
+            metrics.update(learner.step(collected.batch))
+            version += 1
+            engine.sync_weights(model, version)
         now = time.perf_counter()
         times.append(StepTime(now - last, gen_clock.take(), reward_clock.take(),
-                              out.metrics.get("update/skipped_rows_frac", 0.0)))
+                              metrics.get("update/skipped_rows_frac", 0.0)))
         last = now
     return times
 

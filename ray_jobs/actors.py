@@ -22,7 +22,6 @@ from align.build import engine_name, engine_options, make_learner, policy_model
 from align.config import Recipe
 from align.trainers.engines import get_engine_factory
 from align.trainers.learner import PairBatch, PolicyBatch, PolicyLearner, PreferenceLearner
-from align.trainers.precision import autocast
 from align.trainers.protocols import Rollout, SamplingParams
 from ray_jobs.learner_deepspeed import DeepSpeedStrategy, init_distributed
 from ray_jobs.weight_sync import bytes_to_state, state_to_bytes
@@ -59,10 +58,8 @@ class RolloutWorker:
     def generate(self, prompts: Sequence[str], columns: Mapping[str, Sequence[Any]], samples_per_prompt: int,
                  params: SamplingParams, seed: int) -> Rollout:
         start = time.perf_counter()
-        # the in-process engine samples under the learner's autocast, so pi_old matches the learner
-        with autocast(self.recipe.learner.mixed_precision, self.model):
-            rollout: Rollout = self.engine.generate(prompts, columns, samples_per_prompt=samples_per_prompt,
-                                                    params=params, seed=seed)
+        rollout: Rollout = self.engine.generate(prompts, columns, samples_per_prompt=samples_per_prompt,
+                                                params=params, seed=seed)
         rollout.timings["generate"] = time.perf_counter() - start  # the driver splits its wait into this + Ray
         return rollout
 

@@ -19,7 +19,8 @@ EngineFactory = Callable[..., Any]
 ROLLOUT_ENGINES: Registry[EngineFactory] = Registry("rollout engine")
 ENTRY_POINT_GROUP = "align.rollout_engines"
 
-ROLLOUT_ENGINES.register("hf", lambda model, tokenizer, model_dir, options: HFRolloutEngine(model, tokenizer))
+ROLLOUT_ENGINES.register("hf", lambda model, tokenizer, model_dir, options: HFRolloutEngine(model, tokenizer,
+                                                                                           **options))
 
 
 def get_engine_factory(name: str) -> EngineFactory:

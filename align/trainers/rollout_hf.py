@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from align.trainers.precision import Precision, autocast
 from align.trainers.protocols import Rollout, SamplingParams
 from align.trainers.sequences import encode, mask_after_eos, pad_left
 
@@ -16,8 +17,9 @@ from align.trainers.sequences import encode, mask_after_eos, pad_left
 class HFRolloutEngine:
     shares_module = True  # samples from the learner's own model: a weight sync is a version bump
 
-    def __init__(self, model: Any, tokenizer: Any, *, batch_size: int = 256) -> None:
-        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+    def __init__(self, model: Any, tokenizer: Any, *, batch_size: int = 256, precision: Precision = "no") -> None:
+        """``precision``: "bf16" samples under the learner's bf16 autocast, so pi_old matches the learner."""
+        self.model, self.tokenizer, self.batch_size, self.precision = model, tokenizer, batch_size, precision
         self.weight_version = 0
         self.pad_id = tokenizer.pad_token_id
         self.eos_id = tokenizer.eos_token_id
@@ -32,9 +34,10 @@ class HFRolloutEngine:
         """``seed``: sample from a generator seeded with it, leaving the caller's RNG stream untouched (as when the
         engine runs in another process); None: from the global RNG."""
         if seed is None:
-            return self._generate_all(prompts, columns, samples_per_prompt, params)
+            with autocast(self.precision, self.model):
+                return self._generate_all(prompts, columns, samples_per_prompt, params)
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-        with torch.random.fork_rng(devices=devices):
+        with torch.random.fork_rng(devices=devices), autocast(self.precision, self.model):
             torch.manual_seed(seed)
             return self._generate_all(prompts, columns, samples_per_prompt, params)
 

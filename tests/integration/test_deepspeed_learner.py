@@ -1,4 +1,5 @@
-"""Two DeepSpeed learner ranks (ZeRO-2, gloo, two processes) take the same step as the local runtime."""
+"""The core's learner with a DeepSpeed strategy on two ranks (ZeRO-2/3, gloo, two processes) takes the same step as
+the same learner with a plain torch strategy in one process: the step math exists once."""
 
 from __future__ import annotations
 
@@ -14,86 +15,105 @@ pytestmark = [pytest.mark.deepspeed, pytest.mark.slow]
 
 from align import functional as F  # noqa: E402
 from align.algorithms import PRESETS  # noqa: E402
-from align.losses import PolicyInputs, StepNormalizer  # noqa: E402
+from align.losses import StepNormalizer  # noqa: E402
 from align.models import TinyModelConfig, build_char_tokenizer, build_tiny_causal_lm  # noqa: E402
-from align.objective import policy_step_loss  # noqa: E402
+from align.trainers.batches import PairBatch, PolicyBatch  # noqa: E402
+from align.trainers.learner import PolicyLearner, PreferenceLearner, merge_stats  # noqa: E402
+from align.trainers.preference import tokenize_pairs  # noqa: E402
 from align.trainers.protocols import SamplingParams  # noqa: E402
 from align.trainers.rollout_hf import HFRolloutEngine  # noqa: E402
-from align.trainers.sequences import response_forward  # noqa: E402
-
-SPEC = PRESETS.get("dapo")
+from align.trainers.strategy import Reference, TorchStrategy  # noqa: E402
 
 
-def _batch(model_dir: Path, inert: bool = False) -> dict[str, torch.Tensor]:
+def _policy_batch(model_dir: Path, spec_name: str, inert: bool) -> PolicyBatch:
     from transformers import AutoModelForCausalLM
 
     tokenizer = build_char_tokenizer()
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    torch.manual_seed(0)
     rollout = HFRolloutEngine(model, tokenizer).generate(["1+2=", "30+4=", "7+7=", "5+55="], {}, samples_per_prompt=4,
-                                                         params=SamplingParams(max_new_tokens=5))
+                                                         params=SamplingParams(max_new_tokens=5), seed=0)
     rewards = torch.tensor([float(len(c) % 3) for c in rollout.completions])
     rewards[::4] += 1.0  # every group has reward spread
     if inert:  # groups 1-3 get one reward each: all their advantages are 0, and rank 1 (groups 2-3) has no other
         rewards[4:] = 1.0
-    advantages = F.advantages("grpo", rewards=rewards, mask=rollout.mask, group_ids=rollout.group_ids)
-    return {"prompt_ids": rollout.prompt_ids, "prompt_mask": rollout.prompt_mask,
-            "completion_ids": rollout.completion_ids, "mask": rollout.mask, "logp": rollout.logp,
-            "advantages": advantages, "group_ids": rollout.group_ids}
+    spec = PRESETS.get(spec_name)
+    advantages = F.advantages(spec.advantage, rewards=rewards, mask=rollout.mask, group_ids=rollout.group_ids)
+    return PolicyBatch(prompt_ids=rollout.prompt_ids, prompt_mask=rollout.prompt_mask,
+                       completion_ids=rollout.completion_ids, mask=rollout.mask, logp=rollout.logp,
+                       advantages=advantages, group_ids=rollout.group_ids,
+                       normalizer=StepNormalizer.from_masks(rollout.mask, generation_budget=8))
 
 
-def _rank(rank: int, port: int, model_dir: str, batch: dict, out: dict, optimizer: str, stage: int,
-          inert: bool) -> None:
+def _pair_batch() -> PairBatch:
+    tokenizer = build_char_tokenizer()
+    return tokenize_pairs(tokenizer, ["1+2=", "3+4=", "9+9=", "2+2=", "5+1="], ["3", "7", "18", "4", "6"],
+                          ["4", "8", "17", "5", "60"])
+
+
+def _learner(model, spec_name: str, strategy) -> PolicyLearner | PreferenceLearner:
+    spec = PRESETS.get(spec_name)
+    optimizer = (torch.optim.SGD(model.parameters(), lr=1.0) if strategy[0] == "sgd"
+                 else torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    applied = strategy[1](model, optimizer, scheduler)
+    reference = Reference(model, lora=False) if spec.kind == "preference" else None
+    if spec.kind == "preference":
+        return PreferenceLearner(spec, applied, reference, micro_batch_size=2)
+    return PolicyLearner(spec, applied, micro_batch_size=4)  # several micro-batches of whole groups per rank
+
+
+def _rank(rank: int, port: int, model_dir: str, batch, out: dict, optimizer: str, stage: int, spec_name: str) -> None:
     from transformers import AutoModelForCausalLM
 
-    from ray_jobs.learner_deepspeed import DeepSpeedLearner, LearnerConfig, shard_rows, take
+    from ray_jobs.learner_deepspeed import DeepSpeedStrategy, init_distributed
 
+    init_distributed(rank=rank, world_size=2, master_port=port, backend="gloo")
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    config = LearnerConfig(lr=1.0 if optimizer == "sgd" else 1e-3, max_grad_norm=1.0, optimizer=optimizer,
-                           zero_stage=stage)
-    learner = DeepSpeedLearner(model, SPEC, config, rank=rank, world_size=2, master_port=port)
-    rows = shard_rows(batch["group_ids"], 2)[rank]
-    stats = learner.step(take(batch, rows))
-    assert stats["update/skipped_rows_frac"] == (0.0 if not inert else 0.5 if rank == 0 else 1.0)
-    out[rank] = (stats["loss"], learner.parameters_snapshot())
+
+    def strategy(m, o, s):
+        return DeepSpeedStrategy(m, o, s, zero_stage=stage, max_grad_norm=1.0, rank=rank, world_size=2)
+
+    learner = _learner(model, spec_name, (optimizer, strategy))
+    shard = batch.shards(2)[rank]
+    stats = learner.step(shard)
+    out[rank] = (stats, {k: v for k, v in learner.strategy.full_state().items()})
 
 
-@pytest.mark.parametrize(("optimizer", "stage", "inert"),
-                         [("sgd", 2, False), ("adamw", 2, False), ("adamw", 3, False), ("sgd", 2, True)])
-def test_two_zero_ranks_match_the_local_step(tmp_path: Path, optimizer: str, stage: int, inert: bool) -> None:
+@pytest.mark.parametrize(("optimizer", "stage", "spec_name", "inert"),
+                         [("sgd", 2, "dapo", False), ("adamw", 2, "dr_grpo", False), ("adamw", 3, "gspo", False),
+                          ("sgd", 2, "dapo", True), ("adamw", 2, "dpo", False)])
+def test_two_zero_ranks_match_the_in_process_step(tmp_path: Path, optimizer: str, stage: int, spec_name: str,
+                                                  inert: bool) -> None:
     """SGD with lr 1: the parameter change is minus the (clipped) gradient, so this compares gradients at 1e-5;
     AdamW: the whole optimiser step. ``inert``: groups with all-zero advantages are skipped by the ranks (one rank
-    has nothing else) and the step still equals the local one over every row."""
+    has nothing else) and the step still equals the in-process one over every row. dr_grpo: the ranks divide by
+    the generation budget carried by the batch (8 here), not by their longest completion."""
     tokenizer = build_char_tokenizer()
     model = build_tiny_causal_lm(len(tokenizer), TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2,
                                                                  intermediate_size=64, seed=4))
     model.save_pretrained(tmp_path)
-    batch = _batch(tmp_path, inert)
+    batch = _pair_batch() if spec_name == "dpo" else _policy_batch(tmp_path, spec_name, inert)
 
     from transformers import AutoModelForCausalLM
 
     local = AutoModelForCausalLM.from_pretrained(tmp_path)
     start = {n: p.detach().clone() for n, p in local.named_parameters()}
-    step = (torch.optim.SGD(local.parameters(), lr=1.0) if optimizer == "sgd"
-            else torch.optim.AdamW(local.parameters(), lr=1e-3, weight_decay=0.0))
-    logp, entropy, _ = response_forward(local, batch["prompt_ids"], batch["prompt_mask"], batch["completion_ids"],
-                                        batch["mask"], with_entropy=True)
-    inputs = PolicyInputs(logp=logp, old_logp=batch["logp"], advantages=batch["advantages"], mask=batch["mask"],
-                          token_ids=batch["completion_ids"], group_ids=batch["group_ids"], entropy=entropy)
-    loss, _ = policy_step_loss(SPEC, inputs, StepNormalizer.from_masks(batch["mask"]))
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(local.parameters(), 1.0)
-    step.step()
+    learner = _learner(local, spec_name, (optimizer, lambda m, o, s: TorchStrategy(m, o, s, max_grad_norm=1.0)))
+    expected = merge_stats([learner.step(batch)])
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = mp.Manager().dict()
-    mp.spawn(_rank, args=(port, str(tmp_path), batch, out, optimizer, stage, inert), nprocs=2, join=True)
-    assert abs(out[0][0] + out[1][0] - float(loss)) < 1e-5  # the rank shares add up to the whole loss
+    mp.spawn(_rank, args=(port, str(tmp_path), batch, out, optimizer, stage, spec_name), nprocs=2, join=True)
+    merged = merge_stats([out[0][0], out[1][0]])
+    assert merged["loss"] == pytest.approx(expected["loss"], abs=1e-6)  # the rank shares add up to the loss
+    assert merged["grad_norm"] == pytest.approx(expected["grad_norm"], rel=1e-5)
+    if inert:
+        assert out[1][0]["update/active_rows"] == 0 and merged["update/skipped_rows_frac"] == 0.75
     moved = 0.0
-    for name, expected in local.named_parameters():
-        moved = max(moved, float((expected.detach() - start[name]).abs().max()))
+    for name, value in local.named_parameters():
+        moved = max(moved, float((value.detach() - start[name]).abs().max()))
         for rank in (0, 1):
-            torch.testing.assert_close(out[rank][1][name], expected.detach(), rtol=0, atol=1e-5)
+            torch.testing.assert_close(out[rank][1][name], value.detach(), rtol=0, atol=1e-5)
     assert moved > 1e-4  # the step did something

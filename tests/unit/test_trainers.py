@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -9,12 +10,16 @@ import pytest
 import torch
 
 from align.models import TinyModelConfig, build_char_tokenizer, build_tiny_causal_lm
+from align.losses import StepNormalizer
+from align.trainers.batches import PolicyBatch
 from align.trainers.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from align.trainers.learner import PolicyLearner, merge_stats
 from align.trainers.optim import build_optimizer, build_scheduler
 from align.trainers.protocols import SamplingParams
 from align.trainers.rollout_hf import HFRolloutEngine
 from align.trainers.sampler import PromptSampler
 from align.trainers.sequences import mask_after_eos, response_forward
+from align.trainers.strategy import TorchStrategy
 
 SMALL = TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, seed=3)
 
@@ -106,33 +111,68 @@ def _setup(seed: int = 0):
     model = torch.nn.Linear(4, 3)
     optimizer = build_optimizer(model, lr=0.1, weight_decay=0.0, betas=(0.9, 0.99))
     scheduler = build_scheduler(optimizer, kind="cosine", warmup_steps=2, total_steps=10)
-    return model, optimizer, scheduler
+    return model, optimizer, scheduler, TorchStrategy(model, optimizer, scheduler, max_grad_norm=None)
 
 
 def _train(model, optimizer, scheduler, steps: int) -> None:
     for _ in range(steps):
         optimizer.zero_grad()
-        model(torch.randn(5, 4)).pow(2).sum().backward()
+        model(torch.randn(5, 4)).pow(2).sum().backward()  # torch's RNG: restored by a checkpoint
         optimizer.step()
         scheduler.step()
 
 
+def _save(directory: Path, step: int, strategy: TorchStrategy, extra: dict | None = None, keep: int = 2) -> Path:
+    return save_checkpoint(directory, step=step, save_learner=strategy.save, extra=extra or {}, keep=keep)
+
+
 def test_checkpoint_round_trip_restores_weights_optimizer_and_rng(tmp_path: Path) -> None:
-    model, optimizer, scheduler = _setup()
+    model, optimizer, scheduler, strategy = _setup()
     _train(model, optimizer, scheduler, 3)
-    save_checkpoint(tmp_path, step=3, model=model, optimizer=optimizer, scheduler=scheduler, extra={"k": 1})
+    _save(tmp_path, 3, strategy, {"k": 1})
     _train(model, optimizer, scheduler, 2)
     expected = model.weight.detach().clone()
-    fresh, fresh_opt, fresh_sched = _setup(seed=5)
-    state = load_checkpoint(latest_checkpoint(tmp_path), model=fresh, optimizer=fresh_opt, scheduler=fresh_sched)
+    fresh, fresh_opt, fresh_sched, fresh_strategy = _setup(seed=5)
+    state = load_checkpoint(latest_checkpoint(tmp_path), load_learner=fresh_strategy.load)
     assert state.step == 3 and state.extra == {"k": 1}
     _train(fresh, fresh_opt, fresh_sched, 2)
     torch.testing.assert_close(fresh.weight, expected, rtol=0, atol=0)
 
 
+def test_checkpoint_files_are_synced_to_disk(tmp_path: Path, monkeypatch) -> None:
+    """Every file of the checkpoint (the learner's, nested, included) is fsynced before the rename."""
+    synced: set[str] = set()
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.add(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    *_, strategy = _setup()
+
+    def nested(path: Path) -> None:
+        strategy.save(path)
+        (path / "shard").mkdir()
+        (path / "shard" / "part.pt").write_bytes(b"x")
+
+    save_checkpoint(tmp_path, step=1, save_learner=nested, extra={})
+    written = {p.name for p in (tmp_path / "step-00000001").rglob("*") if p.is_file()}
+    assert written == {"model.safetensors", "optimizer.pt", "part.pt", "rng.pt", "state.json"}
+    assert {Path(p).name for p in synced} >= written | {f".latest.tmp-{os.getpid()}"}  # the pointer, pre-rename
+
+
+def test_a_checkpoint_of_another_schema_is_refused_in_one_line(tmp_path: Path) -> None:
+    *_, strategy = _setup()
+    path = _save(tmp_path, 1, strategy)
+    (path / "state.json").write_text(json.dumps({"step": 1, "extra": {}}))  # what version 1 wrote
+    with pytest.raises(ValueError, match="schema 1"):
+        load_checkpoint(path, load_learner=strategy.load)
+
+
 def test_a_crash_while_saving_keeps_the_last_good_checkpoint(tmp_path: Path, monkeypatch) -> None:
-    model, optimizer, scheduler = _setup()
-    save_checkpoint(tmp_path, step=1, model=model, optimizer=optimizer, scheduler=scheduler, extra={})
+    model, optimizer, scheduler, strategy = _setup()
+    _save(tmp_path, 1, strategy)
     good = model.weight.detach().clone()
     _train(model, optimizer, scheduler, 1)
 
@@ -141,19 +181,19 @@ def test_a_crash_while_saving_keeps_the_last_good_checkpoint(tmp_path: Path, mon
 
     monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(OSError, match="injected"):
-        save_checkpoint(tmp_path, step=2, model=model, optimizer=optimizer, scheduler=scheduler, extra={})
+        _save(tmp_path, 2, strategy)
     monkeypatch.undo()
     latest = latest_checkpoint(tmp_path)
     assert latest is not None and latest.name == "step-00000001"
     assert not (tmp_path / "step-00000002").exists()
-    restored, opt, sched = _setup(seed=7)
-    load_checkpoint(latest, model=restored, optimizer=opt, scheduler=sched)
+    restored, *_, restored_strategy = _setup(seed=7)
+    load_checkpoint(latest, load_learner=restored_strategy.load)
     torch.testing.assert_close(restored.weight, good, rtol=0, atol=0)
 
 
 def test_a_crash_between_rename_and_pointer_update_is_harmless(tmp_path: Path, monkeypatch) -> None:
-    model, optimizer, scheduler = _setup()
-    save_checkpoint(tmp_path, step=1, model=model, optimizer=optimizer, scheduler=scheduler, extra={})
+    *_, strategy = _setup()
+    _save(tmp_path, 1, strategy)
     real_replace = os.replace
 
     def crash(src, dst):
@@ -163,14 +203,14 @@ def test_a_crash_between_rename_and_pointer_update_is_harmless(tmp_path: Path, m
 
     monkeypatch.setattr(os, "replace", crash)
     with pytest.raises(OSError, match="injected"):
-        save_checkpoint(tmp_path, step=2, model=model, optimizer=optimizer, scheduler=scheduler, extra={})
+        _save(tmp_path, 2, strategy)
     assert latest_checkpoint(tmp_path).name == "step-00000001"  # the pointer still names a whole checkpoint
 
 
 def test_checkpoint_keeps_only_the_newest(tmp_path: Path) -> None:
-    model, optimizer, scheduler = _setup()
+    *_, strategy = _setup()
     for step in range(1, 5):
-        save_checkpoint(tmp_path, step=step, model=model, optimizer=optimizer, scheduler=scheduler, extra={}, keep=2)
+        _save(tmp_path, step, strategy, keep=2)
     assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-00000003", "step-00000004"]
 
 
@@ -190,10 +230,9 @@ def test_resume_only_picks_runs_of_the_same_recipe(tmp_path: Path) -> None:
 
     recipe = recipe_from_dict({"name": "grpo", "rewards": [{"name": "exact_match"}],
                                "logging": {"dir": str(tmp_path)}})
-    model, optimizer, scheduler = _setup()
+    *_, strategy = _setup()
     for name in ("grpo-20260101-000000", "grpo-lora-20260101-000000"):
-        save_checkpoint(tmp_path / name / "checkpoints", step=1, model=model, optimizer=optimizer,
-                        scheduler=scheduler, extra={})
+        _save(tmp_path / name / "checkpoints", 1, strategy)
     assert find_resumable_run(recipe, True).name == "grpo-20260101-000000"
 
 
@@ -205,20 +244,16 @@ def test_dr_grpo_normaliser_is_the_generation_budget() -> None:
     assert recipe.algorithm_spec().generation_budget == 37
 
 
-def _policy_trainer(model, spec_name: str, **spec_changes):
+def _policy_learner(model, spec_name: str, micro_batch_size: int = 2, **spec_changes) -> PolicyLearner:
     from dataclasses import replace
 
     from align.algorithms import PRESETS
-    from align.trainers.policy import PolicyLoopConfig, PolicyTrainer
 
     spec = replace(PRESETS.get(spec_name), **spec_changes)
     optimizer = build_optimizer(model, lr=1e-2, weight_decay=0.0, betas=(0.9, 0.999))
     scheduler = build_scheduler(optimizer, kind="constant", warmup_steps=0, total_steps=10)
-    config = PolicyLoopConfig(steps=1, prompts_per_step=3, samples_per_prompt=2, micro_batch_size=2,
-                              sampling=SamplingParams(max_new_tokens=3))
-    return PolicyTrainer(spec=spec, model=model, engine=None, reward_fn=None, optimizer=optimizer,
-                         scheduler=scheduler, config=config, prompts=[], columns={}, sampler=PromptSampler(1, 0),
-                         reference=(lambda batch: batch.logp) if spec.kl is not None else None)
+    return PolicyLearner(spec, TorchStrategy(model, optimizer, scheduler, max_grad_norm=1.0),
+                         micro_batch_size=micro_batch_size)
 
 
 def _batch_with_logp(model):
@@ -234,25 +269,32 @@ def _batch_with_logp(model):
                    logp=logp * mask, group_ids=torch.tensor([0, 0, 1, 1, 2, 2]), weight_version=0)
 
 
+def _train_batch(rollout, advantages: torch.Tensor, budget: int | None = None) -> PolicyBatch:
+    return PolicyBatch(prompt_ids=rollout.prompt_ids, prompt_mask=rollout.prompt_mask,
+                       completion_ids=rollout.completion_ids, mask=rollout.mask, logp=rollout.logp,
+                       advantages=advantages, group_ids=rollout.group_ids,
+                       normalizer=StepNormalizer.from_masks(rollout.mask, generation_budget=budget))
+
+
 @pytest.mark.parametrize("inert_groups", [(1,), (0, 1, 2)])
 def test_skipping_inert_groups_leaves_the_update_unchanged(inert_groups, monkeypatch) -> None:
     """Groups whose advantages are all 0 are skipped (no forward, no backward) and the optimiser step is the same
     as computing their zero gradient, also when every group is inert (Adam still steps on zero gradients)."""
-    import align.trainers.policy as policy_module
+    import align.trainers.learner as learner_module
 
     params = []
     for skip in (True, False):
         torch.manual_seed(0)
         model = build_tiny_causal_lm(len(build_char_tokenizer()), SMALL)
-        trainer = _policy_trainer(model, "grpo", kl=None, kl_coef=0.0)
+        learner = _policy_learner(model, "grpo", kl=None, kl_coef=0.0)
         batch = _batch_with_logp(model)
         advantages = torch.tensor([[1.0], [-1.0], [0.5], [-0.5], [2.0], [-2.0]]).expand(6, 3) * batch.mask
         for g in inert_groups:
             advantages = torch.where((batch.group_ids == g)[:, None], 0.0, advantages)
         if not skip:
-            monkeypatch.setattr(policy_module, "active_rows",
+            monkeypatch.setattr(learner_module, "active_rows",
                                 lambda spec, adv, mask, group_ids: torch.ones(len(group_ids), dtype=torch.bool))
-        metrics = trainer._update(batch, advantages, None)
+        metrics = merge_stats([learner.step(_train_batch(batch, advantages))])
         monkeypatch.undo()
         assert metrics["update/skipped_rows_frac"] == pytest.approx(len(inert_groups) / 3 if skip else 0.0)
         params.append([p.detach().clone() for p in model.parameters()])
