@@ -145,7 +145,7 @@ class LearnerSection(_Section):
     steps: int = Field(100, ge=1)
     updates_per_batch: int = Field(1, ge=1)  # > 1 makes later updates off-policy (ratios leave 1)
     # "bf16": forward passes (sampling, updates, reference) under bf16 autocast, fp32 weights/optimiser/losses
-    # (local runtime; the SFT warm start and credit modules' auxiliary models run in fp32)
+    # (both runtimes; the SFT warm start and credit modules' auxiliary models run in fp32)
     mixed_precision: Literal["no", "bf16"] = "no"
     beta: float | None = None  # preference losses: shorthand for algorithm.overrides.preference_kwargs.beta
 
@@ -231,9 +231,6 @@ class Recipe(_Section):
                               "verl's rule); groups of 2 or more give it a baseline", stacklevel=2)
         if spec.kind == "policy" and not self.rewards:
             raise ValueError("a policy algorithm needs at least one entry under rewards (e.g. - name: exact_match)")
-        if self.learner.mixed_precision != "no" and self.runtime.backend == "ray":
-            raise ValueError("learner.mixed_precision applies to the local runtime; on Ray the DeepSpeed learners run "
-                             "in the model's dtype (set model.dtype: bfloat16, or learner.mixed_precision: no)")
         if self.credit is not None and spec.credit not in (None, self.credit.name):
             raise ValueError(f"credit.name {self.credit.name!r} differs from the algorithm's credit {spec.credit!r}")
         return self

@@ -121,14 +121,6 @@ def test_bf16_mixed_precision_trains_fp32_weights_and_keeps_rollout_and_learner_
     assert math.isfinite(run(dpo, tmp_path).metrics["loss"])
 
 
-def test_mixed_precision_is_refused_on_ray_with_the_fix_in_the_message(tmp_path: Path) -> None:
-    from align.config import RecipeError
-
-    recipe = tiny_recipe(tmp_path, learner={"mixed_precision": "bf16"}, runtime={"backend": "ray"})
-    with pytest.raises(RecipeError, match=r"model\.dtype: bfloat16"):
-        api.resolve_recipe(recipe)
-
-
 def _deterministic(rows: list[dict], after: int) -> list[dict]:
     return [{k: v for k, v in r.items() if not k.startswith(TIMING_PREFIXES)} for r in rows if r["step"] > after]
 

@@ -25,7 +25,7 @@ import ast
 import types
 import typing
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -137,7 +137,7 @@ class Found:
 class Scope:
     """The reads in one function (or a module's top level), with the aliases bound in it."""
 
-    def __init__(self, body: list[ast.AST], aliases: dict[str, str], where: str,
+    def __init__(self, body: Sequence[ast.AST], aliases: dict[str, str], where: str,
                  params: ast.arguments | None = None) -> None:
         self.schema, self.where = schema(), where
         self.aliases = dict(aliases)
@@ -238,15 +238,16 @@ class Scope:
         parent = self.parents.get(node)
         if isinstance(parent, ast.Attribute) and parent.value is node:
             return None if self.resolve(parent) is not None else parent.attr  # a method: model_dump, spec, ...
-        if path == "":
-            return None
-        if isinstance(parent, (ast.Assign, ast.AnnAssign)) or (
-                isinstance(parent, ast.Tuple) and isinstance(self.parents.get(parent), ast.Assign)):
-            return None
-        if isinstance(parent, (ast.For, ast.comprehension)) and parent.iter is node:
-            return None
-        if _is_enumerate(parent) and isinstance(self.parents.get(parent), (ast.For, ast.comprehension)):
-            return None
+        if path == "" or (isinstance(parent, ast.Subscript) and self.resolve(parent) is not None):
+            return None  # the recipe passed on, or an item taken from a list (recipe.rewards[0])
+        statement = self.parents.get(parent) if isinstance(parent, ast.Tuple) else parent
+        if isinstance(statement, (ast.Assign, ast.AnnAssign)):  # an alias only when bound to a plain name
+            target = statement.targets[0] if isinstance(statement, ast.Assign) else statement.target
+            bound = [n for n, v in _pairs(target, statement.value) if v is node] if statement.value else []
+            return None if bound and all(self.aliases.get(n) == path for n in bound) else "value"
+        iteration = self.parents.get(parent) if parent is not None and _is_enumerate(parent) else parent
+        if isinstance(iteration, (ast.For, ast.comprehension)) and path in self.schema.lists:
+            return None  # its items are aliases (_bind_item)
         if isinstance(parent, ast.Compare) and all(isinstance(op, (ast.Is, ast.IsNot)) for op in parent.ops):
             return None
         return "value"
@@ -269,7 +270,7 @@ def _is_enumerate(node: ast.AST | None) -> bool:
 SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
 
 
-def _own_nodes(body: list[ast.AST]) -> Iterator[ast.AST]:
+def _own_nodes(body: Sequence[ast.AST]) -> Iterator[ast.AST]:
     """The nodes of a scope, without nested functions and classes (scopes of their own); lambdas belong to it."""
     stack = [n for n in body if not isinstance(n, SCOPES)]
     while stack:
@@ -278,7 +279,7 @@ def _own_nodes(body: list[ast.AST]) -> Iterator[ast.AST]:
         stack += [c for c in ast.iter_child_nodes(node) if not isinstance(c, SCOPES)]
 
 
-def _defs(body: list[ast.AST]) -> Iterator[ast.AST]:
+def _defs(body: Sequence[ast.AST]) -> Iterator[ast.AST]:
     """The functions and classes defined directly in a scope (not inside another function or class)."""
     stack = list(body)
     while stack:
@@ -305,7 +306,7 @@ def _annotation_path(annotation: ast.AST | None, classes: dict[str, str], schema
     return path
 
 
-def _scopes(body: list[ast.AST], aliases: dict[str, str], where: str) -> Iterator[Scope]:
+def _scopes(body: Sequence[ast.AST], aliases: dict[str, str], where: str) -> Iterator[Scope]:
     """A module's scopes: its top level, then every class body and function; inner ones inherit the aliases."""
     outer = Scope(body, aliases, where)
     yield outer
