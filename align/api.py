@@ -16,11 +16,13 @@ from typing import Any
 
 import torch
 
-from align.build import find_resumable_run, load_data, load_model, new_run_dir, prepare_base_model
+from align.build import engine_name, find_resumable_run, load_data, load_model, new_run_dir, prepare_base_model
 from align.components import check_runtime, get_runtime, rewards_provider
 from align.config import Recipe, RecipeError, load_recipe, recipe_from_dict
 from align.data.tasks import TASKS
+from align.errors import AlignError
 from align.runs import TrainResult, run
+from align.trainers.engines import engine_options
 
 __all__ = ["TrainResult", "find_resumable_run", "load_data", "load_model", "load_plugins_and_check",
            "new_run_dir", "prepare_base_model", "resolve_recipe", "train"]
@@ -55,7 +57,21 @@ def load_plugins_and_check(recipe: Recipe) -> None:
         if unknown:
             raise RecipeError(f"recipe key 'data.task_options.{unknown[0]}': task {recipe.data.task!r} has no such "
                               f"option; valid options: {', '.join(valid)}")
+    if recipe.algorithm_spec().kind == "policy":
+        _check_engine_options(recipe)
     check_runtime(recipe, get_runtime(recipe.runtime.backend))
+
+
+def _check_engine_options(recipe: Recipe) -> None:
+    name = engine_name(recipe)
+    try:
+        valid = engine_options(name)
+    except AlignError as err:
+        raise RecipeError(f"recipe key 'rollout.engine': {err}") from None
+    unknown = sorted(set(recipe.rollout.engine_options) - set(valid))
+    if unknown:
+        raise RecipeError(f"recipe key 'rollout.engine_options.{unknown[0]}': the {name} engine has no such option; "
+                          f"valid options: {', '.join(valid)}")
 
 
 @contextmanager

@@ -169,7 +169,8 @@ class RuntimeSection(_Section):
     zero_stage: Literal[0, 1, 2, 3] = 2
     reward_workers: int = Field(2, ge=1)
     probe_every: int = Field(1, ge=1)  # verify weight sync every N steps
-    probe_tolerance: float = Field(1e-3, gt=0)
+    # largest rollout-vs-learner log-prob gap the probe accepts; None: 1e-3 in fp32, 5e-2 under bf16 (rounding)
+    probe_tolerance: float | None = Field(None, gt=0)
     # sample step k+1 while the learners train on step k (one step off-policy), corrected by truncated importance
     # sampling: weight min(pi_learner / pi_rollout, is_cap) per token, or per sequence (geometric mean)
     # object_store: safetensors bytes through Ray; broadcast: a stateless gloo/NCCL group between learner rank 0

@@ -119,4 +119,4 @@ def _factory(model: Any, tokenizer: Any, model_dir: str | Path, options: Mapping
 
 
 if "vllm" not in ROLLOUT_ENGINES:
-    ROLLOUT_ENGINES.register("vllm", _factory)
+    ROLLOUT_ENGINES.register("vllm", _factory, engine=VLLMRolloutEngine)

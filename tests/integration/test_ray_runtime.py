@@ -138,27 +138,24 @@ def test_ray_job_submit_round_trip(tmp_path: Path) -> None:
     assert json.loads((runs[0] / "checkpoints" / "step-00000003" / "state.json").read_text())["step"] == 3
 
 
-def test_a_dead_learner_stops_cleanly_and_the_run_resumes(tmp_path: Path) -> None:
-    from ray_jobs.launch import LearnerFailure
+def test_a_dead_learner_stops_cleanly_and_the_run_resumes(tmp_path: Path, monkeypatch) -> None:
+    from align.trainers.protocols import LearnerLost
+    from ray_jobs.runtime import LearnerGroup
 
     config = recipe(tmp_path, name="ray_learner_kill", learner={"lr": 1e-3, "steps": 6}, checkpoint={"every": 2})
     killed: list[str] = []
-    from ray_jobs import launch
+    save = LearnerGroup.save
 
-    original = launch._checkpoint
-
-    def checkpoint_then_kill(run_dir, step, cluster, sampler, before, keep=2):
-        original(run_dir, step, cluster, sampler, before, keep)
-        if step == 2:
-            ray.kill(cluster.learners[1], no_restart=True)  # a learner rank dies right after a checkpoint
+    def save_then_kill(self, directory):
+        save(self, directory)
+        if directory.parent.name.startswith(".step-00000002"):
+            ray.kill(self.ranks[1], no_restart=True)  # a learner rank dies right after a checkpoint
             killed.append("rank1")
 
-    launch._checkpoint = checkpoint_then_kill
-    try:
-        with pytest.raises(LearnerFailure, match=r"learner rank died at step 3.*--resume-from .*step-00000002"):
-            api.train(config, progress=False, log=lambda _: None)
-    finally:
-        launch._checkpoint = original
+    monkeypatch.setattr(LearnerGroup, "save", save_then_kill)
+    with pytest.raises(LearnerLost, match=r"learner rank died.* at step 3.*--resume-from .*step-00000002"):
+        api.train(config, progress=False, log=lambda _: None)
+    monkeypatch.undo()
     assert killed == ["rank1"]
     run_dir = next((tmp_path / "runs").glob("ray_learner_kill-*"))
     resumed = api.train(config, resume=run_dir, progress=False, log=lambda _: None)
@@ -178,7 +175,18 @@ def test_overlapped_rollouts_are_one_step_off_policy_and_importance_corrected(tm
     assert all(r["weight_sync/probe_max_gap"] < 1e-3 for r in rows)
 
 
-def test_credit_modules_run_on_ray_with_auxiliary_models_in_their_own_actors(tmp_path: Path) -> None:
+def test_credit_modules_run_on_ray_with_auxiliary_models_in_their_own_actors(tmp_path: Path, monkeypatch) -> None:
+    from ray_jobs import runtime
+    from ray_jobs.actors import RemoteScorer
+
+    served: list[object] = []
+
+    class Counted(RemoteScorer):
+        def __init__(self, actor: object) -> None:
+            super().__init__(actor)
+            served.append(actor)
+
+    monkeypatch.setattr(runtime, "RemoteScorer", Counted)
     config = recipe(tmp_path, name="ray_credit", algorithm={"preset": "grpo", "overrides": {"advantage":
                                                                                              "dense_group"}},
                     credit={"name": "implicit_dpo", "options": {"dpo_model": "base", "ref_model": "base"}},
@@ -186,10 +194,16 @@ def test_credit_modules_run_on_ray_with_auxiliary_models_in_their_own_actors(tmp
     result = api.train(config, progress=False, log=lambda _: None)
     rows = read_metrics(result.run_dir)
     assert [r.get("weight_version") for r in rows[1:]] == [1.0, 2.0, 3.0]
-    assert all(r["credit/aux_model_actors"] == 2.0 for r in rows[1:])  # the DPO model and its reference
+    assert len(served) == 2  # the DPO model and its reference, each served by its own actor
+    from align.trainers.samples import read_samples
+
+    assert all("implicit_dpo" in s["credit"] for s in read_samples(result.run_dir))
     kept = sorted(p.name for p in (result.run_dir / "checkpoints").glob("step-*"))
     assert kept == ["step-00000002", "step-00000003"]  # checkpoint.keep applies on Ray too
-    assert sorted(p.name for p in (result.run_dir / "checkpoints" / "deepspeed").glob("step-*")) == kept
+    for name in kept:  # one checkpoint: the ranks' DeepSpeed shards inside it, beside the loop's state and RNG
+        assert {p.name for p in (result.run_dir / "checkpoints" / name).iterdir()} == {"learner", "rng.pt",
+                                                                                      "state.json"}
+        assert (result.run_dir / "checkpoints" / name / "learner" / "zero").is_dir()
 
 
 def test_weights_sync_by_broadcast_in_a_stateless_group(tmp_path: Path) -> None:
@@ -220,3 +234,83 @@ def test_lora_on_ray_syncs_only_the_adapter(tmp_path: Path) -> None:
     assert all(r["weight_sync/probe_max_gap"] < 1e-3 for r in rows[1:])  # the engine samples base + adapter
     assert rows[-1]["kl"] > 0  # grpo's KL is measured against the base with adapters disabled
     assert (result.run_dir / "final" / "adapter_config.json").is_file()
+
+
+def test_what_the_local_runtime_has_runs_on_ray_too(tmp_path: Path) -> None:
+    """entropy_weighted credit (the ranks compute the entropy), bf16 mixed precision (ranks and the rollout worker
+    under autocast), micro-batches and updates_per_batch, samples.jsonl with credit heatmaps, and the probe."""
+    config = recipe(tmp_path, name="ray_parts", rollout={"engine": "hf", "samples_per_prompt": 4,
+                                                         "prompts_per_step": 4, "max_new_tokens": 4,
+                                                         "engine_options": {}},
+                    algorithm={"preset": "grpo", "overrides": {"kl": None, "kl_coef": 0.0}},
+                    credit={"name": "entropy_weighted"},
+                    learner={"lr": 1e-3, "steps": 2, "micro_batch_size": 4, "updates_per_batch": 2,
+                             "mixed_precision": "bf16"},
+                    logging={"dir": str(tmp_path / "runs"), "tensorboard": False, "progress": False,
+                             "eval_every": 1})
+    result = api.train(config, progress=False, log=lambda _: None)
+    rows = read_metrics(result.run_dir)
+    assert [r.get("weight_version") for r in rows[1:]] == [1.0, 2.0]
+    assert all(r["weight_sync/probe_max_gap"] < 5e-2 for r in rows[1:])  # the bf16 default tolerance, passed
+    from align.trainers.samples import read_samples
+
+    samples = read_samples(result.run_dir)
+    assert samples and "entropy_weighted" in samples[0]["credit"] and "advantage" in samples[0]["credit"]
+
+
+def test_kill_9_of_the_driver_then_resume_matches_an_uninterrupted_run(tmp_path: Path) -> None:
+    """The one checkpoint writer on Ray: the driver (and with it the embedded Ray) is killed with SIGKILL mid-run;
+    --resume-from continues from the last whole checkpoint and every later step equals an uninterrupted run."""
+    import signal
+
+    from align.trainers.checkpoint import latest_checkpoint
+    from align.trainers.metrics import TIMING_PREFIXES
+
+    config = recipe(tmp_path, name="ray_resume", learner={"lr": 1e-3, "steps": 10}, checkpoint={"every": 2},
+                    runtime={"backend": "ray", "learners": 1, "reward_workers": 1},
+                    rollout={"engine": "hf", "samples_per_prompt": 4, "prompts_per_step": 4, "max_new_tokens": 4,
+                             "engine_options": {}})
+    path = tmp_path / "resume.yaml"
+    path.write_text(yaml.safe_dump(config))
+    reference = api.train(path, progress=False, log=lambda _: None)
+    ray_tmp = Path("/tmp") / f"rk{os.getpid()}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ALIGN_RAY_TMP": str(ray_tmp)}
+    env.pop("RAY_ADDRESS", None)
+    command = [sys.executable, "-m", "align.cli", "train", str(path), "--no-progress"]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    killed_at = None
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            runs = [p for p in (tmp_path / "runs").glob("ray_resume-*") if p != reference.run_dir]
+            latest = latest_checkpoint(runs[0] / "checkpoints") if runs else None
+            if latest is not None and int(latest.name.split("-")[1]) >= 4:
+                os.kill(proc.pid, signal.SIGKILL)
+                killed_at = int(latest.name.split("-")[1])
+                break
+            time.sleep(0.02)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        # the killed driver's embedded Ray (head, raylet, actors) has no one left to stop it
+        subprocess.run(["pkill", "-9", "-f", str(ray_tmp)], check=False)
+    assert killed_at is not None and proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    out = subprocess.run([*command, "--resume-from", str(runs[0])], env=env, capture_output=True, text=True,
+                         timeout=400)
+    subprocess.run(["pkill", "-9", "-f", str(ray_tmp)], check=False)
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = read_metrics(runs[0])
+    assert [r["step"] for r in rows] == list(range(0, 11))  # no step lost, none logged twice
+
+    def deterministic(rows: list[dict]) -> list[dict]:
+        return [{k: v for k, v in r.items() if not k.startswith(TIMING_PREFIXES)} for r in rows
+                if r["step"] > killed_at]
+
+    got, expected = deterministic(rows), deterministic(read_metrics(reference.run_dir))
+    assert len(got) == len(expected) == 10 - killed_at
+    for a, b in zip(got, expected, strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert abs(a[key] - b[key]) <= 1e-6, (a["step"], key, a[key], b[key])

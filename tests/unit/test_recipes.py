@@ -56,6 +56,10 @@ MALFORMED = {
     "bad_override_syntax": (GOOD, ["learner.lr"], ["key.path=value"]),
     "override_unknown_key": (GOOD, ["learner.momentum=0.9"], ["'learner.momentum'", "unknown key"]),
     "bad_engine": (GOOD + "rollout: {engine: tgi}\n", [], ["'rollout.engine'", "'hf'", "'vllm'"]),
+    "engine_option_of_another_engine": (GOOD + "rollout: {engine: hf, engine_options: {kv_cache_bytes: 1000}}\n",
+                                        [], ["'rollout.engine_options.kv_cache_bytes'", "hf engine", "batch_size"]),
+    "ray_key_on_the_local_runtime": (GOOD + "runtime: {learners: 4}\n", [],
+                                     ["'runtime.learners'", "applies to backend: ray"]),
 }
 
 
