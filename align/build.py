@@ -159,19 +159,34 @@ def prepare_base_model(recipe: Recipe, log: Callable[[str], None] = print) -> Pa
     return target
 
 
-def load_model(path: Path | str, recipe: Recipe) -> tuple[Any, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_tokenizer(path: Path | str, recipe: Recipe) -> Any:
+    """``model.tokenizer`` (default: the model's own), left-padded, with a pad token (EOS where it has none)."""
+    from transformers import AutoTokenizer
 
+    source = str(recipe.model.tokenizer or path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except OSError as err:
+        key = "model.tokenizer" if recipe.model.tokenizer else "model.path"
+        raise RecipeError(f"recipe key {key!r}: cannot load a tokenizer from {source!r}: "
+                          f"{' '.join(str(err).split())[:160]}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def load_model(path: Path | str, recipe: Recipe) -> tuple[Any, Any]:
+    """The model in ``model.dtype`` on ``runtime.device``, and its tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(path, recipe)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[recipe.model.dtype]
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(recipe.model.tokenizer or path))
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
     except OSError as err:
         raise RecipeError(f"recipe key 'model.path': cannot load {str(path)!r}: {' '.join(str(err).split())[:160]}") \
             from None
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
     model.to(torch.device(recipe.runtime.device))  # type: ignore[arg-type]  # transformers types .to oddly
     return model, tokenizer
 

@@ -19,7 +19,7 @@ from align.build import (
     find_resumable_run,
     greedy_eval,
     load_data,
-    load_model,
+    load_tokenizer,
     new_run_dir,
     prepare_base_model,
     seed_everything,
@@ -51,7 +51,7 @@ def run(recipe: Recipe, spec: AlgorithmSpec, *, resume: str | Path | bool, log: 
     check_runtime(recipe, runtime)
     provider = rewards_provider()
     base = prepare_base_model(recipe, log)
-    _, tokenizer = load_model(base, recipe)
+    tokenizer = load_tokenizer(base, recipe)
     run_dir = find_resumable_run(recipe, resume) if resume else None
     if run_dir is not None and (run_dir / "summary.json").is_file() and _finished(run_dir, recipe):
         log(f"{run_dir} already finished all {recipe.learner.steps} steps; nothing to resume")

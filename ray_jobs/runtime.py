@@ -104,10 +104,16 @@ class LearnerGroup:
         self.changes = 0  # counts what changes the weights (steps, loads): copies elsewhere compare against it
 
     def _all(self, calls: list[Any]) -> list[Any]:
-        try:
-            return ray.get(calls)
-        except RayActorError as err:
-            raise LearnerLost(f"a learner rank died ({type(err).__name__})") from None
+        """Every rank's answer. Answers are taken as they arrive, so a dead rank is noticed at once, not after
+        the live ranks give up waiting for it in a collective."""
+        pending = list(calls)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            try:
+                ray.get(done)
+            except RayActorError as err:
+                raise LearnerLost(f"a learner rank died ({type(err).__name__})") from None
+        return ray.get(calls)
 
     def step(self, batch: PolicyBatch | PairBatch) -> dict[str, float]:
         shards = batch.shards(len(self.ranks))

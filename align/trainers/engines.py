@@ -46,9 +46,3 @@ def engine_options(name: str) -> list[str]:
     get_engine_factory(name)
     engine = ROLLOUT_ENGINES.info(name)["engine"]
     return [p.name for p in inspect.signature(engine).parameters.values() if p.kind is p.KEYWORD_ONLY]
-
-
-def vllm_installed() -> bool:
-    from importlib.util import find_spec
-
-    return find_spec("vllm") is not None

@@ -9,10 +9,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,8 +16,10 @@ import torch
 import yaml
 
 from align import api
-from align.trainers.checkpoint import latest_checkpoint
-from align.trainers.metrics import TIMING_PREFIXES, read_metrics
+from align.build import tiny_cache_dir
+from align.trainers.metrics import read_metrics
+
+from ..resume import assert_resumed_equals_reference, kill_9_then_resume
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -85,7 +83,7 @@ def test_lora_adapter_loads_back_with_equal_logits(tmp_path: Path) -> None:
     result = run(recipe, tmp_path)
     final, merged_dir = result.run_dir / "final", result.run_dir / "final_merged"
     assert (final / "adapter_config.json").is_file() and (final / "adapter_model.safetensors").is_file()
-    base_dir = api.tiny_cache_dir(api.resolve_recipe(recipe))
+    base_dir = tiny_cache_dir(api.resolve_recipe(recipe))
     ids = torch.tensor([[5, 66, 7, 70, 9]])
     with torch.no_grad():
         adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), final).eval()
@@ -121,8 +119,19 @@ def test_bf16_mixed_precision_trains_fp32_weights_and_keeps_rollout_and_learner_
     assert math.isfinite(run(dpo, tmp_path).metrics["loss"])
 
 
-def _deterministic(rows: list[dict], after: int) -> list[dict]:
-    return [{k: v for k, v in r.items() if not k.startswith(TIMING_PREFIXES)} for r in rows if r["step"] > after]
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_overlap_on_the_local_runtime_is_one_step_off_policy_and_importance_corrected(tmp_path: Path,
+                                                                                      level: str) -> None:
+    """The same semantics as on Ray (the next rollout is sampled before this step's update), without the
+    parallelism: the learner importance-weights the stale rows."""
+    recipe = tiny_recipe(tmp_path, name=f"overlap_{level}", runtime={"threads": 1, "overlap": True,
+                                                                     "is_level": level})
+    rows = read_metrics(run(recipe, tmp_path).run_dir)[1:]
+    assert [r["off_policy_lag"] for r in rows] == [0.0, 1.0, 1.0, 1.0]
+    assert "is/weight_mean" not in rows[0]
+    for row in rows[1:]:
+        assert 0.5 < row["is/weight_mean"] < 2.0 and row["is/weight_mean"] != 1.0
+        assert 0 <= row["is/truncated_frac"] <= 1
 
 
 def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path: Path) -> None:
@@ -130,39 +139,7 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path: Path) -> None
                          logging={"dir": str(tmp_path / "runs"), "tensorboard": False, "eval_every": 100})
     path = tmp_path / "resume.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     reference = api.train(path, progress=False, log=lambda _: None)  # uninterrupted, same seed
-    command = [sys.executable, "-m", "align.cli", "train", str(path), "--no-progress"]
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 120
-        killed_at = None
-        while time.monotonic() < deadline and proc.poll() is None:
-            runs = [p for p in (tmp_path / "runs").glob("resume-*") if p != reference.run_dir]
-            latest = latest_checkpoint(runs[0] / "checkpoints") if runs else None
-            if latest is not None and int(latest.name.split("-")[1]) >= 6:
-                os.kill(proc.pid, signal.SIGKILL)
-                killed_at = int(latest.name.split("-")[1])
-                break
-            time.sleep(0.02)
-        proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert killed_at is not None and proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    interrupted = runs[0]
-    out = subprocess.run([*command, "--resume-from", str(interrupted)], env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    resumed_rows = read_metrics(interrupted)
-    assert [r["step"] for r in resumed_rows] == list(range(0, 41))  # no step lost, none logged twice
-    expected = _deterministic(read_metrics(reference.run_dir), killed_at)
-    got = _deterministic(resumed_rows, killed_at)
-    assert len(got) == len(expected) == 40 - killed_at
-    for a, b in zip(got, expected, strict=True):
-        assert a.keys() == b.keys()
-        for key in a:
-            if a[key] is None or b[key] is None:
-                assert a[key] == b[key], key
-            else:
-                assert abs(a[key] - b[key]) <= 1e-6, (a["step"], key, a[key], b[key])
+    killed_at, run_dir = kill_9_then_resume(path, reference.run_dir, kill_after=6, timeout=120,
+                                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert_resumed_equals_reference(run_dir, reference.run_dir, killed_at, 40)

@@ -261,10 +261,7 @@ def test_what_the_local_runtime_has_runs_on_ray_too(tmp_path: Path) -> None:
 def test_kill_9_of_the_driver_then_resume_matches_an_uninterrupted_run(tmp_path: Path) -> None:
     """The one checkpoint writer on Ray: the driver (and with it the embedded Ray) is killed with SIGKILL mid-run;
     --resume-from continues from the last whole checkpoint and every later step equals an uninterrupted run."""
-    import signal
-
-    from align.trainers.checkpoint import latest_checkpoint
-    from align.trainers.metrics import TIMING_PREFIXES
+    from ..resume import assert_resumed_equals_reference, kill_9_then_resume
 
     config = recipe(tmp_path, name="ray_resume", learner={"lr": 1e-3, "steps": 10}, checkpoint={"every": 2},
                     runtime={"backend": "ray", "learners": 1, "reward_workers": 1},
@@ -276,41 +273,11 @@ def test_kill_9_of_the_driver_then_resume_matches_an_uninterrupted_run(tmp_path:
     ray_tmp = Path("/tmp") / f"rk{os.getpid()}"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ALIGN_RAY_TMP": str(ray_tmp)}
     env.pop("RAY_ADDRESS", None)
-    command = [sys.executable, "-m", "align.cli", "train", str(path), "--no-progress"]
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    killed_at = None
-    try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and proc.poll() is None:
-            runs = [p for p in (tmp_path / "runs").glob("ray_resume-*") if p != reference.run_dir]
-            latest = latest_checkpoint(runs[0] / "checkpoints") if runs else None
-            if latest is not None and int(latest.name.split("-")[1]) >= 4:
-                os.kill(proc.pid, signal.SIGKILL)
-                killed_at = int(latest.name.split("-")[1])
-                break
-            time.sleep(0.02)
-        proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        # the killed driver's embedded Ray (head, raylet, actors) has no one left to stop it
+
+    def stop_orphans() -> None:  # the killed driver's embedded Ray (head, raylet, actors) has no one to stop it
         subprocess.run(["pkill", "-9", "-f", str(ray_tmp)], check=False)
-    assert killed_at is not None and proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    out = subprocess.run([*command, "--resume-from", str(runs[0])], env=env, capture_output=True, text=True,
-                         timeout=400)
-    subprocess.run(["pkill", "-9", "-f", str(ray_tmp)], check=False)
+
+    killed_at, run_dir = kill_9_then_resume(path, reference.run_dir, kill_after=4, env=env, timeout=300,
+                                            cleanup=stop_orphans)
     shutil.rmtree(ray_tmp, ignore_errors=True)
-    assert out.returncode == 0, out.stderr[-2000:]
-    rows = read_metrics(runs[0])
-    assert [r["step"] for r in rows] == list(range(0, 11))  # no step lost, none logged twice
-
-    def deterministic(rows: list[dict]) -> list[dict]:
-        return [{k: v for k, v in r.items() if not k.startswith(TIMING_PREFIXES)} for r in rows
-                if r["step"] > killed_at]
-
-    got, expected = deterministic(rows), deterministic(read_metrics(reference.run_dir))
-    assert len(got) == len(expected) == 10 - killed_at
-    for a, b in zip(got, expected, strict=True):
-        assert a.keys() == b.keys()
-        for key in a:
-            assert abs(a[key] - b[key]) <= 1e-6, (a["step"], key, a[key], b[key])
+    assert_resumed_equals_reference(run_dir, reference.run_dir, killed_at, 10)

@@ -1,6 +1,7 @@
 """One loop, two runtimes: the same recipe on ``backend: local`` and on ``backend: ray`` (transformers engine) gives
 the same loss, gradient norm and weights after 3 steps, for sequence- and token-level policy objectives and for
-DPO; two DeepSpeed learner ranks take the same steps as one."""
+the DPO family (token-level variants with their credit modules' auxiliary models, served by actors on Ray); two
+DeepSpeed learner ranks take the same steps as one."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from safetensors.torch import load_file  # noqa: E402
 from align import api  # noqa: E402
 from align.trainers.metrics import read_metrics  # noqa: E402
 
+PREFERENCE = ("dpo", "tdpo", "cdpo", "tgdpo")
 COMPARED = ("loss", "pg_loss", "kl", "grad_norm", "eval/preference_accuracy", "eval/loss", "response_length/mean",
             "advantage/abs_mean")
 
@@ -30,7 +32,8 @@ def recipe(tmp_path: Path, preset: str, backend: str, learners: int = 1) -> dict
         "data": {"task": "arithmetic", "task_options": {"digits": 1}, "eval_size": 8, "train_size": 64},
         "rollout": {"engine": "hf", "samples_per_prompt": 4, "prompts_per_step": 4, "max_new_tokens": 4},
         "algorithm": {"preset": preset},
-        "rewards": [] if preset == "dpo" else [{"name": "exact_match", "options": {"extract": "full"}},
+        "credit": {"cdpo": {"name": "contrastive_critical"}, "tgdpo": {"name": "implicit_dpo"}}.get(preset),
+        "rewards": [] if preset in PREFERENCE else [{"name": "exact_match", "options": {"extract": "full"}},
                                                {"name": "repetition_penalty", "options": {"ngram": 1}}],
         # micro-batches smaller than the step: accumulation is part of what must agree
         "learner": {"lr": 1e-3, "steps": 3, "micro_batch_size": 8, "scheduler": "linear", "warmup_steps": 1},
@@ -69,7 +72,7 @@ def _assert_same(a: tuple[list[dict], dict], b: tuple[list[dict], dict]) -> None
         torch.testing.assert_close(value, weights_b[name], rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("preset", ["grpo", "dr_grpo", "gspo", "dpo"])
+@pytest.mark.parametrize("preset", ["grpo", "dr_grpo", "gspo", *PREFERENCE])
 def test_local_and_ray_take_the_same_steps(tmp_path: Path, preset: str) -> None:
     local = _train(tmp_path, preset, "local")
     on_ray = _train(tmp_path, preset, "ray")

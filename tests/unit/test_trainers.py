@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from align.models import TinyModelConfig, build_char_tokenizer, build_tiny_causal_lm
 from align.losses import StepNormalizer
+from align.models import TinyModelConfig, build_char_tokenizer, build_tiny_causal_lm
 from align.trainers.batches import PolicyBatch
 from align.trainers.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from align.trainers.learner import PolicyLearner, merge_stats
