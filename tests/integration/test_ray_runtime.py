@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -23,6 +22,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 from align import api  # noqa: E402
 from align.trainers.metrics import read_metrics  # noqa: E402
+from ray_jobs.placement import free_port  # noqa: E402
 
 
 def recipe(tmp_path: Path, **changes: object) -> dict:
@@ -94,12 +94,6 @@ def test_killed_rollout_and_reward_workers_are_replaced(tmp_path: Path) -> None:
     assert rows[-1]["weight_version"] == 5.0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_ray_job_submit_round_trip(tmp_path: Path) -> None:
     if ray.is_initialized():
         ray.shutdown()  # `ray stop` below ends every Ray process of the machine, an embedded one included
@@ -108,12 +102,12 @@ def test_ray_job_submit_round_trip(tmp_path: Path) -> None:
     work.mkdir()
     config = recipe(tmp_path, name="ray_job")
     (work / "recipe.yaml").write_text(yaml.safe_dump(config))
-    dashboard = _free_port()
+    dashboard = free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "OMP_NUM_THREADS": "1",
            "PATH": f"{ray_bin.parent}:{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
     temp_dir = Path("/tmp") / f"rj{os.getpid()}"
-    start = subprocess.run([str(ray_bin), "start", "--head", f"--port={_free_port()}", "--num-cpus=4",
+    start = subprocess.run([str(ray_bin), "start", "--head", f"--port={free_port()}", "--num-cpus=4",
                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--disable-usage-stats",
                             f"--temp-dir={temp_dir}"], env=env, capture_output=True, text=True, timeout=120)
     assert start.returncode == 0, start.stderr[-2000:]
@@ -140,7 +134,7 @@ def test_ray_job_submit_round_trip(tmp_path: Path) -> None:
 
 def test_a_dead_learner_stops_cleanly_and_the_run_resumes(tmp_path: Path, monkeypatch) -> None:
     from align.trainers.protocols import LearnerLost
-    from ray_jobs.runtime import LearnerGroup
+    from ray_jobs.group import LearnerGroup
 
     config = recipe(tmp_path, name="ray_learner_kill", learner={"lr": 1e-3, "steps": 6}, checkpoint={"every": 2})
     killed: list[str] = []
