@@ -441,8 +441,8 @@ def test_analysis_follows_chains_and_aliases() -> None:
     assert "rewards/provider.py" in _where("shared", "credit.options")
     assert "align/api.py" in _where("shared", "runtime.threads")  # config = resolve_recipe(...)
     assert "algorithm_spec" in _where("shared", "learner.beta")  # Recipe.algorithm_spec(), followed
-    assert "ray_jobs/runtime.py" in _where("ray", "runtime.learners")  # rt = recipe.runtime; rt.learners
-    assert "ray_jobs/runtime.py" in _where("ray", "runtime.weight_sync")  # self.recipe.runtime.weight_sync
+    assert "ray_jobs/placement.py" in _where("ray", "runtime.learners")  # rt = recipe.runtime; rt.learners
+    assert "ray_jobs/rollout_service.py" in _where("ray", "runtime.weight_sync")  # self.recipe.runtime.weight_sync
     assert "align/local.py" in _where("local", "learner.max_grad_norm")
     assert "runtime.learners" not in r["local"] and "runtime.learners" not in r["shared"]
 
