@@ -20,7 +20,10 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 def _quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import shutil
+
+    if shutil.which("nvidia-smi") is None:  # DeepSpeed's CPU accelerator, without its probe's warning; GPUs: cuda
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     try:
         from transformers.utils import logging as hf_logging
 

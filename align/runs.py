@@ -29,11 +29,11 @@ from align.components import Parts, RunPlan, check_runtime, get_runtime, rewards
 from align.config import Recipe
 from align.data.loading import load_preference_dataset
 from align.trainers.checkpoint import latest_checkpoint
-from align.trainers.controller import Controller, Schedule, Workload
+from align.trainers.controller import Controller, Schedule
 from align.trainers.metrics import MetricsLogger
 from align.trainers.preference import task_pairs, tokenize_pairs
 from align.trainers.probe import ProbeCheck
-from align.trainers.protocols import SamplingParams
+from align.trainers.protocols import SamplingParams, Workload
 from align.trainers.sampler import PromptSampler
 from align.trainers.samples import SampleRecorder
 from align.trainers.workload import PolicyWorkload, PreferenceWorkload
@@ -169,10 +169,8 @@ def save_final(model: Any, tokenizer: Any, run_dir: Path, recipe: Recipe) -> Pat
     final = run_dir / "final"
     model.save_pretrained(final)
     tokenizer.save_pretrained(final)
-    if recipe.lora.enabled and recipe.lora.merge_on_save:
-        import copy
-
-        merged = copy.deepcopy(model).merge_and_unload()
+    if recipe.lora.enabled and recipe.lora.merge_on_save:  # the model's last use: merged in place, no copy
+        merged = model.merge_and_unload()
         merged.save_pretrained(run_dir / "final_merged")
         tokenizer.save_pretrained(run_dir / "final_merged")
     return final

@@ -139,7 +139,7 @@ def run_ours(s: Settings, steps: int, on_ready: Any = None) -> list[StepTime]:
     version = 0
     last = time.perf_counter()
     for step in range(1, steps + 1):
-        collected = workload.collect(step, version, last_step=step == steps)
+        collected = workload.collect(step, version, prefetch=step != steps)
         metrics = dict(collected.metrics)
         if collected.batch is not None:
             metrics.update(learner.step(collected.batch))

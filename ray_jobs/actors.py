@@ -94,7 +94,8 @@ class LearnerRank:
                  master_port: int) -> None:
         _threads(recipe)
         backend = "nccl" if recipe.runtime.device.startswith("cuda") else "gloo"
-        init_distributed(rank=rank, world_size=world_size, master_port=master_port, backend=backend)
+        init_distributed(rank=rank, world_size=world_size, master_port=master_port, backend=backend,
+                         local_rank=0 if backend == "nccl" else rank)  # an actor sees only its own GPU
         model, _ = policy_model(base, recipe)
 
         def strategy(m: Any, optimizer: torch.optim.Optimizer, scheduler: Any) -> DeepSpeedStrategy:

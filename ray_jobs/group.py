@@ -23,6 +23,7 @@ class LearnerGroup:
     def __init__(self, ranks: list[Any], zero_stage: int) -> None:
         self.ranks, self.zero_stage = ranks, zero_stage
         self.changes = 0  # counts what changes the weights (steps, loads): copies elsewhere compare against it
+        self._payload: tuple[int, bytes] | None = None  # the weights fetched at `changes`, for the next reader
 
     def _all(self, calls: list[Any]) -> list[Any]:
         """Every rank's answer. Answers are taken as they arrive, so a dead rank is noticed at once, not after
@@ -63,10 +64,12 @@ class LearnerGroup:
         return self._forward("entropy", batch)
 
     def policy_bytes(self) -> bytes:
-        """Rank 0's weights (under ZeRO-3 every rank takes part in the gather)."""
-        ranks = self.ranks if self.zero_stage == 3 else self.ranks[:1]
-        payload: bytes = self._all([r.policy_bytes.remote() for r in ranks])[0]
-        return payload
+        """Rank 0's weights (under ZeRO-3 every rank takes part in the gather), fetched once per weight change:
+        the weight sync, evaluation and the final model share one fetch."""
+        if self._payload is None or self._payload[0] != self.changes:
+            ranks = self.ranks if self.zero_stage == 3 else self.ranks[:1]
+            self._payload = (self.changes, self._all([r.policy_bytes.remote() for r in ranks])[0])
+        return self._payload[1]
 
     def policy_state(self) -> dict[str, Tensor]:
         return bytes_to_state(self.policy_bytes())

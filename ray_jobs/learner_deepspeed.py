@@ -31,9 +31,11 @@ def deepspeed_config(*, zero_stage: int, max_grad_norm: float | None) -> dict[st
 
 
 def init_distributed(*, rank: int, world_size: int, master_port: int, backend: str,
-                     master_addr: str = "127.0.0.1") -> None:
-    """Join the learners' process group (DeepSpeed's, with its CPU accelerator and gloo on CPU)."""
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR=master_addr,
+                     master_addr: str = "127.0.0.1", local_rank: int | None = None) -> None:
+    """Join the learners' process group (DeepSpeed's, with its CPU accelerator and gloo on CPU). ``local_rank``:
+    the device index this process uses (0 in a Ray actor, which sees only its own GPU); default ``rank``."""
+    local = rank if local_rank is None else local_rank
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(local), MASTER_ADDR=master_addr,
                       MASTER_PORT=str(master_port))
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/align/torch_extensions"))
     import deepspeed
@@ -68,13 +70,20 @@ class DeepSpeedStrategy:
     def agree(self, count: int) -> int:
         import torch.distributed as dist
 
-        value = torch.tensor([count], dtype=torch.long)
+        # on the engine's device: NCCL reduces only CUDA tensors (gloo takes CPU ones)
+        value = torch.tensor([count], dtype=torch.long, device=self.engine.device)
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
         return int(value)
 
     def optimizer_step(self) -> float:
+        # ZeRO stage 0 wraps the torch optimiser, which records no norm: take it from the all-reduced gradients
+        manual = None
+        if self.zero_stage == 0:
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            manual = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) \
+                if grads else 0.0
         self.engine.step()
-        norm = self.engine.get_global_grad_norm()
+        norm = self.engine.get_global_grad_norm() if manual is None else manual
         return float(norm) if norm is not None else 0.0
 
     def scheduler_step(self) -> None:

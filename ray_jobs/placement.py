@@ -33,7 +33,8 @@ def connect(recipe: Recipe) -> None:
 
 
 class Placement:
-    """The run's placement group and actor names (``align-<role>-<tag>``)."""
+    """The run's placement group and actor names (``align-<role>-<tag>``). A policy run places a rollout worker
+    (bundle 0), the learner ranks, then the reward workers; a preference run only the learner ranks."""
 
     def __init__(self, recipe: Recipe, *, policy: bool) -> None:
         from ray.util.placement_group import placement_group
@@ -41,10 +42,11 @@ class Placement:
         rt = recipe.runtime
         self.gpu = 1 if rt.device.startswith("cuda") else 0
         self.tag = f"{recipe.name}-{os.getpid()}-{time.time_ns() % 10**9}"
-        self.learners = rt.learners
+        self.learners, self.first_learner = rt.learners, 1 if policy else 0
         engine = {"CPU": 0.5, **({"GPU": self.gpu} if self.gpu else {})}
         workers = rt.reward_workers if policy else 0
-        bundles = [engine] + [dict(engine) for _ in range(rt.learners)] + [{"CPU": 0.25}] * workers
+        bundles = [engine] * self.first_learner + [dict(engine) for _ in range(rt.learners)] + \
+            [{"CPU": 0.25}] * workers
         self.group = placement_group(bundles, strategy="PACK")
         try:
             ray.get(self.group.ready(), timeout=120)
@@ -52,8 +54,8 @@ class Placement:
             ray.util.remove_placement_group(self.group)
             gpus = ", one GPU each for rollout and learners" if self.gpu else ""
             raise RecipeError(f"recipe key 'runtime': the Ray cluster cannot place {len(bundles)} bundles "
-                              f"({rt.learners} learner ranks, 1 rollout worker, {workers} reward workers{gpus}) "
-                              "within 120 s") from None
+                              f"({rt.learners} learner ranks, {self.first_learner} rollout worker, {workers} reward "
+                              f"workers{gpus}) within 120 s") from None
 
     def bundle(self, index: int) -> Any:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -61,13 +63,14 @@ class Placement:
         return PlacementGroupSchedulingStrategy(placement_group=self.group, placement_group_bundle_index=index)
 
     def rollout(self) -> int:
+        assert self.first_learner == 1, "a preference run places no rollout worker"
         return 0
 
     def learner(self, rank: int) -> int:
-        return 1 + rank
+        return self.first_learner + rank
 
     def reward(self, slot: int) -> int:
-        return 1 + self.learners + slot
+        return self.first_learner + self.learners + slot
 
     def close(self) -> None:
         ray.util.remove_placement_group(self.group)

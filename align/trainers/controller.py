@@ -15,23 +15,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
 
 from align.trainers.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from align.trainers.metrics import MetricsLogger
 from align.trainers.probe import ProbeCheck
 from align.trainers.progress import Progress
-from align.trainers.protocols import Learner, LearnerLost, RolloutEngine, WeightSync
+from align.trainers.protocols import Learner, LearnerLost, RolloutEngine, WeightSync, Workload
 from align.trainers.samples import SampleRecorder
-from align.trainers.workload import Collected
-
-
-class Workload(Protocol):
-    def collect(self, step: int, version: int, last_step: bool) -> Collected: ...
-
-    def state_dict(self) -> dict[str, Any]: ...
-
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -69,6 +59,16 @@ class Controller:
             self.workload.load_state_dict(state.extra["workload"])
             self.version = int(state.extra["version"])
             self.log(f"resuming {run_dir} from step {start}")
+        try:
+            return self._loop(run_dir, start, before)
+        except LearnerLost as err:  # wherever a rank died: stepping, evaluating, saving, syncing
+            saved = latest_checkpoint(run_dir / "checkpoints")
+            where = f"its last checkpoint ({saved.name})" if saved else "the start (no checkpoint yet)"
+            raise LearnerLost(f"{err}; the run stopped cleanly: `align train <recipe> --resume-from {run_dir}` "
+                              f"continues from {where}") from None
+
+    def _loop(self, run_dir: Path, start: int,
+              before: dict[str, float] | None) -> tuple[dict[str, float], dict[str, float]]:
         if self.sync is not None:
             self.sync.push(self.version)  # the engine starts from the learner's weights, whatever the checkpoint
         self.logger.truncate_after(start)
@@ -85,10 +85,7 @@ class Controller:
                 try:
                     last = self._step(step)
                 except LearnerLost as err:
-                    saved = latest_checkpoint(run_dir / "checkpoints")
-                    where = f"its last checkpoint ({saved.name})" if saved else "the start (no checkpoint yet)"
-                    raise LearnerLost(f"{err} at step {step}; the run stopped cleanly: `align train <recipe> "
-                                      f"--resume-from {run_dir}` continues from {where}") from None
+                    raise LearnerLost(f"{err} at step {step}") from None
                 if step % self.schedule.eval_every == 0 or step == self.schedule.steps:
                     last.update(self.evaluate())
                 self.logger.log(step, last)
@@ -105,7 +102,9 @@ class Controller:
 
     def _step(self, step: int) -> dict[str, float]:
         started = time.perf_counter()
-        collected = self.workload.collect(step, self.version, step == self.schedule.steps)
+        # no rollout in flight over a checkpoint (or past the end): a resume then continues exactly
+        prefetch = step != self.schedule.steps and step % self.schedule.checkpoint_every != 0
+        collected = self.workload.collect(step, self.version, prefetch)
         metrics = dict(collected.metrics)
         if collected.batch is None:  # nothing to train on (every row dropped): the weights stay as they are
             metrics["time/step"] = time.perf_counter() - started

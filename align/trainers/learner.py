@@ -114,7 +114,6 @@ class PolicyLearner(_Weights):
     micro_batch_size: int = 64
     updates_per_batch: int = 1
     precision: Precision = "no"
-    version: int = 0
 
     def __post_init__(self) -> None:
         if self.spec.kind != "policy":
@@ -184,6 +183,7 @@ class PolicyLearner(_Weights):
         (merge several shares with :func:`merge_stats`)."""
         start = time.perf_counter()
         stats: dict[str, float] = {}
+        rollout_logp = batch.logp  # (B, T) what the engine sampled with: the gap below is measured against it
         if batch.off_policy is not None:
             batch, stats = self._importance_weighted(batch)
         active = active_rows(self.spec, batch.advantages, batch.mask, batch.group_ids)
@@ -220,12 +220,11 @@ class PolicyLearner(_Weights):
                             sums[key] = sums.get(key, 0.0) + float(value)
                         else:
                             weighted[key] = weighted.get(key, 0.0) + share * float(value)
-                    gap_sum += float(((logp.detach() - part.logp).abs() * part.mask).sum())
+                    gap_sum += float(((logp.detach() - rollout_logp[rows]).abs() * part.mask).sum())
                     assert entropy is not None
                     entropy_sum += float((entropy * part.mask).sum())
             grad_norm = self.strategy.optimizer_step()
         self.strategy.scheduler_step()
-        self.version += 1
         out = {"loss": 0.0, "pg_loss": 0.0, **sums, **weighted, **stats}  # inert rows add exactly 0 to the loss
         if tokens > 0:  # with every row skipped there is nothing to report (0 would read as entropy collapse)
             out["logprob_gap/rollout_vs_learner"] = gap_sum / tokens
@@ -252,7 +251,6 @@ class PreferenceLearner(_Weights):
     reference: Reference | None = None
     micro_batch_size: int = 64
     precision: Precision = "no"
-    version: int = 0
 
     def __post_init__(self) -> None:
         if self.spec.preference_loss is None:
@@ -309,7 +307,6 @@ class PreferenceLearner(_Weights):
         stats["grad_norm"] = self.strategy.optimizer_step()
         self.strategy.scheduler_step()
         stats["lr"] = self.strategy.lr()
-        self.version += 1
         stats["time/learner_compute"] = time.perf_counter() - start
         return stats
 
@@ -326,10 +323,6 @@ class InProcessLearner:
 
     def __init__(self, learner: PolicyLearner | PreferenceLearner) -> None:
         self.learner = learner
-
-    @property
-    def model(self) -> Any:
-        return self.learner.strategy.model
 
     def step(self, batch: Any) -> dict[str, float]:
         return merge_stats([self.learner.step(batch)])

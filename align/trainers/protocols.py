@@ -148,3 +148,16 @@ class CreditResult:
 class CreditFunction(Protocol):
     def __call__(self, rollout: Rollout, rewards: Tensor, *, logp: Tensor | None, entropy: Tensor | None,
                  token_rewards: Tensor | None) -> CreditResult: ...
+
+
+class Workload(Protocol):
+    """What one step of the controller loop feeds the learner (:mod:`align.trainers.workload`): a batch, with its
+    metrics, built from data and the parts; its state (data order) is checkpointed."""
+
+    def collect(self, step: int, version: int, prefetch: bool) -> Any:
+        """A :class:`~align.trainers.workload.Collected` for ``step`` (policy weights at ``version``)."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...

@@ -124,10 +124,13 @@ class PolicyWorkload:
         return _Ready(self.engine.generate(prompts, columns, samples_per_prompt=self.samples_per_prompt,
                                            params=self.sampling, seed=seed))
 
-    def collect(self, step: int, version: int, last_step: bool) -> Collected:
+    def collect(self, step: int, version: int, prefetch: bool) -> Collected:
+        """This step's batch. ``prefetch`` (with ``overlap``): submit the next step's rollout now, before the
+        update; the controller says no on the last step and on checkpoint steps, so that a checkpoint never has a
+        rollout in flight and a resumed run samples exactly what an uninterrupted one does."""
         start = time.perf_counter()
         pending = self._pending or self._submit()
-        self._pending = self._submit() if self.overlap and not last_step else None
+        self._pending = self._submit() if self.overlap and prefetch else None
         rollout: Rollout = pending.result()
         metrics: dict[str, float] = {"time/rollout": time.perf_counter() - start,
                                      "time/generate": rollout.timings.get("generate", time.perf_counter() - start)}
@@ -211,7 +214,7 @@ class PreferenceWorkload:
                               pairs.rejected_ids, pairs.rejected_mask, self.token_credit(pairs))
         return pairs
 
-    def collect(self, step: int, version: int, last_step: bool) -> Collected:
+    def collect(self, step: int, version: int, prefetch: bool) -> Collected:
         return Collected(self.batch(self.pairs.select(self.sampler.next(self.pairs_per_step))), {})
 
     def state_dict(self) -> dict[str, Any]:

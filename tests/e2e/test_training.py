@@ -134,8 +134,12 @@ def test_overlap_on_the_local_runtime_is_one_step_off_policy_and_importance_corr
         assert 0 <= row["is/truncated_frac"] <= 1
 
 
-def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path: Path) -> None:
+@pytest.mark.parametrize("overlap", [False, True])
+def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path: Path, overlap: bool) -> None:
+    """``overlap``: no rollout is in flight over a checkpoint, so the resumed run samples what the uninterrupted
+    one did."""
     recipe = tiny_recipe(tmp_path, name="resume", learner={"steps": 40}, checkpoint={"every": 3, "keep": 2},
+                         runtime={"threads": 1, "overlap": overlap},
                          logging={"dir": str(tmp_path / "runs"), "tensorboard": False, "eval_every": 100})
     path = tmp_path / "resume.yaml"
     path.write_text(yaml.safe_dump(recipe))
