@@ -134,6 +134,17 @@ def test_overlap_on_the_local_runtime_is_one_step_off_policy_and_importance_corr
         assert 0 <= row["is/truncated_frac"] <= 1
 
 
+def test_resuming_a_finished_run_keeps_its_summary(tmp_path: Path) -> None:
+    recipe = tiny_recipe(tmp_path, name="finished", learner={"steps": 2}, checkpoint={"every": 1},
+                         logging={"dir": str(tmp_path / "runs"), "tensorboard": False, "eval_every": 100})
+    first = api.train(recipe, progress=False, log=lambda _: None)
+    summary, metrics = (first.run_dir / "summary.json").read_text(), (first.run_dir / "metrics.jsonl").read_text()
+    again = api.train(recipe, resume=True, progress=False, log=lambda _: None)
+    assert again.run_dir == first.run_dir and again.metrics == first.metrics
+    assert (first.run_dir / "summary.json").read_text() == summary
+    assert (first.run_dir / "metrics.jsonl").read_text() == metrics
+
+
 @pytest.mark.parametrize("overlap", [False, True])
 def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path: Path, overlap: bool) -> None:
     """``overlap``: no rollout is in flight over a checkpoint, so the resumed run samples what the uninterrupted
