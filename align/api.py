@@ -22,6 +22,7 @@ from align.config import Recipe, RecipeError, load_recipe, recipe_from_dict
 from align.data.tasks import TASKS
 from align.errors import AlignError
 from align.runs import TrainResult, run
+from align.models.named import check_named_model, is_named_model
 from align.trainers.engines import engine_options
 
 __all__ = ["TrainResult", "find_resumable_run", "load_data", "load_model", "load_plugins_and_check",
@@ -45,10 +46,16 @@ def resolve_recipe(recipe: str | Path | Recipe | dict[str, Any], overrides: tupl
 
 
 def load_plugins_and_check(recipe: Recipe) -> None:
-    """Everything ``align validate`` promises: plugins load, every reward and credit name and option exists, the
+    """Everything ``align validate`` promises: plugins load, a named model's package is installed, every reward and
+    credit name and option exists, the
     algorithm composes with the credit module, the task takes the options given, and the runtime honours every key
     the recipe sets (or it is refused here, in one line naming the key)."""
     rewards_provider().check(recipe)
+    if is_named_model(recipe.model.path):
+        try:
+            check_named_model(recipe.model.path)
+        except AlignError as err:
+            raise RecipeError(f"recipe key 'model.path': {err}") from None
     recipe.algorithm_spec()  # credit granularity vs estimator, now that credit modules are registered
     if recipe.data.task is not None:
         valid = [p for p in inspect.signature(TASKS.get(recipe.data.task)).parameters

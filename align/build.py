@@ -25,6 +25,8 @@ from align.components import rewards_provider
 from align.config import Recipe, RecipeError
 from align.data.loading import as_text, load_prompt_dataset
 from align.data.tasks import build_task
+from align.errors import InputError
+from align.models.named import is_named_model, prepare_named_model
 from align.trainers.checkpoint import latest_checkpoint
 from align.trainers.evaluate import Verifier, greedy_accuracy
 from align.trainers.learner import PolicyLearner, PreferenceLearner
@@ -103,14 +105,25 @@ def _tiny_cache_key(recipe: Recipe) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def cache_root(recipe: Recipe) -> Path:
+    """Where built and converted models are cached, outside the clone: ``model.cache_dir``, ``$ALIGN_CACHE`` or
+    ``~/.cache/align``."""
+    return Path(recipe.model.cache_dir or os.environ.get("ALIGN_CACHE") or Path.home() / ".cache" / "align")
+
+
 def tiny_cache_dir(recipe: Recipe) -> Path:
-    root = Path(recipe.model.cache_dir or os.environ.get("ALIGN_CACHE") or Path.home() / ".cache" / "align") / "models"
-    return root / f"tiny-{recipe.data.task}-{_tiny_cache_key(recipe)}"
+    return cache_root(recipe) / "models" / f"tiny-{recipe.data.task}-{_tiny_cache_key(recipe)}"
 
 
 def prepare_base_model(recipe: Recipe, log: Callable[[str], None] = print) -> Path:
-    """The model directory to start from: ``model.path``, or a tiny model built offline for the task, warm-started
-    with SFT and cached (the cache key covers every setting that shapes it)."""
+    """The model directory to start from: ``model.path``; a named offline model (``align list``), converted once and
+    cached; or a tiny model built offline for the task, warm-started with SFT and cached (the cache key covers every
+    setting that shapes it)."""
+    if is_named_model(recipe.model.path):
+        try:
+            return prepare_named_model(recipe.model.path, cache_root(recipe), log)
+        except InputError as err:
+            raise RecipeError(f"recipe key 'model.path': {err}") from None
     if recipe.model.path != "tiny":
         return Path(recipe.model.path)
     if recipe.data.task is None:

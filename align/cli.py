@@ -102,6 +102,16 @@ def list_registries() -> None:
         table.add_row(label, ", ".join(names))
     Console().print(table)
 
+    from align.models.named import NAMED_MODELS
+
+    models = Table(title="named offline models (model.path)")
+    for column in ("name", "source", "license", "model"):
+        models.add_column(column)
+    models.add_row("tiny", "built for data.task, SFT warm start", "-", "character-level Llama, about 1M parameters")
+    for m in NAMED_MODELS.values():
+        models.add_row(m.name, f"{m.package}=={m.version} (PyPI)", m.license, m.description)
+    Console().print(models)
+
 
 @app.command(name="eval")
 def evaluate(

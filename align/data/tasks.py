@@ -100,6 +100,40 @@ def countdown(*, train_size: int, eval_size: int, seed: int, numbers: int = 3, m
     return _split(_sampled(make, train_size + eval_size, seed), train_size, eval_size, seed)
 
 
+_NAMES = ["Ava", "Ben", "Chloe", "Dan", "Ella", "Finn", "Grace", "Hugo", "Iris", "Jack", "Kim", "Leo", "Maya",
+          "Noah", "Olive", "Paul", "Rosa", "Sam", "Tara", "Umar", "Vera", "Will", "Yara", "Zoe"]
+_ITEMS = ["apples", "marbles", "stickers", "books", "coins", "pencils", "cards", "shells", "stamps", "cookies"]
+_GAIN = ["buys {n} more {item}", "finds {n} more {item}", "is given {n} {item}", "wins {n} {item}"]
+_LOSS = ["gives {n} {item} to a friend", "loses {n} {item}", "sells {n} {item}", "uses {n} {item}"]
+
+
+@TASKS.register("word_problems", reward="math_equivalence")
+def word_problems(*, train_size: int, eval_size: int, seed: int, steps: int = 2, max_number: int = 30) -> Any:
+    """Multi-step arithmetic word problems in English for a chat model: a starting count, then ``steps`` gains or
+    losses, then the question (``"Ava has 12 apples. She buys 7 more apples, then she gives 5 apples to a friend.
+    How many apples does Ava have now?"`` -> ``"14"``). Counts never go negative; every number is at most
+    ``max_number``. Checked with ``math_equivalence`` on the boxed answer."""
+    if steps < 1 or max_number < 2:
+        raise InputError(f"word_problems needs steps >= 1 and max_number >= 2, got {steps}, {max_number}")
+
+    def make(rng: random.Random) -> tuple[str, str]:
+        name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
+        start = count = rng.randint(2, max_number)
+        events = []
+        for _ in range(steps):
+            n = rng.randint(1, max_number)
+            if n <= count and rng.random() < 0.5:
+                count -= n
+                events.append(rng.choice(_LOSS).format(n=n, item=item))
+            else:
+                count += n
+                events.append(rng.choice(_GAIN).format(n=n, item=item))
+        story = ", then ".join(events)
+        return f"{name} has {start} {item}. Then {name} {story}. How many {item} does {name} have now?", str(count)
+
+    return _split(_sampled(make, train_size + eval_size, seed), train_size, eval_size, seed)
+
+
 def build_task(name: str, *, train_size: int, eval_size: int, seed: int, **options: Any) -> Any:
     """The task's DatasetDict; unknown task options fail in one line with the valid ones."""
     builder = TASKS.get(name)

@@ -23,7 +23,8 @@ ROLLOUT_ENGINES.register("hf", lambda model, tokenizer, model_dir, options: HFRo
                                                                                            **options),
                          engine=HFRolloutEngine)
 """Each factory is registered with ``engine=<class>``: its keyword-only constructor arguments are the engine's
-``rollout.engine_options``."""
+``rollout.engine_options``, unless it also registers ``options=[...]`` (a factory that reads some options itself
+and fills others from the policy)."""
 
 
 def get_engine_factory(name: str) -> EngineFactory:
@@ -44,5 +45,8 @@ def engine_options(name: str) -> list[str]:
     import inspect
 
     get_engine_factory(name)
-    engine = ROLLOUT_ENGINES.info(name)["engine"]
+    info = ROLLOUT_ENGINES.info(name)
+    if "options" in info:
+        return list(info["options"])
+    engine = info["engine"]
     return [p.name for p in inspect.signature(engine).parameters.values() if p.kind is p.KEYWORD_ONLY]

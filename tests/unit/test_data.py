@@ -14,13 +14,32 @@ from align.errors import InputError
 from align.models import build_char_tokenizer
 
 
-@pytest.mark.parametrize("task", ["arithmetic", "sorting", "countdown"])
+@pytest.mark.parametrize("task", ["arithmetic", "sorting", "countdown", "word_problems"])
 def test_tasks_are_deterministic_and_splits_disjoint(task: str) -> None:
     a = build_task(task, train_size=200, eval_size=50, seed=3)
     b = build_task(task, train_size=200, eval_size=50, seed=3)
     assert a["train"]["prompt"] == b["train"]["prompt"]
     assert not set(a["train"]["prompt"]) & set(a["test"]["prompt"])
     assert len(a["test"]) == 50
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_word_problem_answers_follow_from_the_story(steps: int) -> None:
+    import re
+
+    gains = ("buys", "finds", "is given", "wins")
+    data = build_task("word_problems", train_size=300, eval_size=20, seed=1, steps=steps, max_number=12)
+    for row in data["train"]:
+        story = row["prompt"]
+        count = int(re.match(r"\w+ has (\d+) ", story).group(1))
+        events = story.split(". Then ", 1)[1].split(". How many")[0].split(", then ")
+        assert len(events) == steps
+        for event in events:
+            n = int(re.search(r"(\d+)", event).group(1))
+            assert 1 <= n <= 12
+            count += n if any(verb in event for verb in gains) else -n
+            assert count >= 0  # never a negative count along the way
+        assert row["answer"] == str(count), story
 
 
 def test_task_options_are_checked() -> None:
