@@ -21,8 +21,8 @@ from align.components import check_runtime, get_runtime, rewards_provider
 from align.config import Recipe, RecipeError, load_recipe, recipe_from_dict
 from align.data.tasks import TASKS
 from align.errors import AlignError
-from align.runs import TrainResult, run
 from align.models.named import check_named_model, is_named_model
+from align.runs import TrainResult, run
 from align.trainers.engines import engine_options
 
 __all__ = ["TrainResult", "find_resumable_run", "load_data", "load_model", "load_plugins_and_check",

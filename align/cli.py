@@ -105,7 +105,8 @@ def list_registries() -> None:
     from align.models.named import NAMED_MODELS
 
     models = Table(title="named offline models (model.path)")
-    for column in ("name", "source", "license", "model"):
+    models.add_column("name", no_wrap=True)
+    for column in ("source", "license", "model"):
         models.add_column(column)
     models.add_row("tiny", "built for data.task, SFT warm start", "-", "character-level Llama, about 1M parameters")
     for m in NAMED_MODELS.values():

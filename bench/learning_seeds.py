@@ -61,12 +61,14 @@ def main() -> None:
     parser.add_argument("recipe")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--runs", help="keep the run directories here (default: a temporary directory)")
-    parser.add_argument("overrides", nargs="*", help="key=value recipe overrides (after --)")
-    args = parser.parse_args()
+    args, rest = parser.parse_known_args()  # what is left: key=value recipe overrides, after --
+    overrides = [a for a in rest if a != "--"]
+    if any(a.startswith("-") or "=" not in a for a in overrides):
+        parser.error(f"expected key=value recipe overrides after the options, got {overrides}")
     runs = Path(args.runs) if args.runs else Path(tempfile.mkdtemp(prefix="align-seeds-"))
     rows = []
     for seed in args.seeds:
-        row = run_seed(args.recipe, seed, list(args.overrides), runs)
+        row = run_seed(args.recipe, seed, overrides, runs)
         rows.append(row)
         curve = "  ".join(f"{step}:{100 * acc:.1f}" for step, acc in row.curve.items())
         print(f"seed {seed}: {100 * row.before:.1f}% -> {100 * row.after:.1f}% ({100 * row.gain:+.1f} points, "
@@ -76,7 +78,7 @@ def main() -> None:
                     figures={"min_gain": min(gains), "mean_gain": statistics.fmean(gains),
                              "max_gain": max(gains),
                              "per_seed": [{**asdict(r), "gain": r.gain} for r in rows]},
-                    settings={"recipe": args.recipe, "overrides": list(args.overrides), "seeds": args.seeds})
+                    settings={"recipe": args.recipe, "overrides": overrides, "seeds": args.seeds})
     print(f"\ngain in points: min {100 * min(gains):+.1f}, mean {100 * statistics.fmean(gains):+.1f}, "
           f"max {100 * max(gains):+.1f} over seeds {args.seeds}")
     write_json(args.json, [result])

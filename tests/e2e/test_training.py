@@ -31,10 +31,16 @@ def run(recipe: str | dict, tmp_path: Path, *overrides: str, **kw):
 
 
 def test_grpo_raises_held_out_accuracy(tmp_path: Path) -> None:
-    result = run("recipes/quickstart.yaml", tmp_path, "learner.steps=50", "logging.eval_every=50",
-                 "checkpoint.every=50")
-    before, after = result.metrics["eval/accuracy_before"], result.metrics["eval/accuracy_after"]
-    assert after >= before + 0.08, (before, after)
+    """The quickstart learns on any CPU: the mean gain of two seeds after 100 steps, with margin. Measured over seeds
+    0-4 on an AMD EPYC (docs/learning.md): every seed gained at least 12 points by step 100 (+8
+    asserted for the mean of two); the SFT base itself
+    differs between CPUs, so no single trajectory is asserted."""
+    gains = []
+    for seed in (0, 1):
+        result = run("recipes/quickstart.yaml", tmp_path / str(seed), f"seed={seed}", "learner.steps=100",
+                     "logging.eval_every=100", "checkpoint.every=100")
+        gains.append(result.metrics["eval/accuracy_after"] - result.metrics["eval/accuracy_before"])
+    assert sum(gains) / 2 >= 0.08, gains
     rows = read_metrics(result.run_dir)
     assert rows[-1]["logprob_gap/rollout_vs_learner"] < 1e-4  # the engine samples the weights being trained
     assert {"reward/exact_match/mean", "accuracy", "entropy", "clip_frac", "response_length/mean",
