@@ -16,12 +16,20 @@ from typing import Any
 
 import torch
 
-from align.build import engine_name, find_resumable_run, load_data, load_model, new_run_dir, prepare_base_model
+from align.build import (
+    cache_root,
+    engine_name,
+    find_resumable_run,
+    load_data,
+    load_model,
+    new_run_dir,
+    prepare_base_model,
+)
 from align.components import check_runtime, get_runtime, rewards_provider
 from align.config import Recipe, RecipeError, load_recipe, recipe_from_dict
 from align.data.tasks import TASKS
 from align.errors import AlignError
-from align.models.named import check_named_model, is_named_model
+from align.models.named import check_named_model, is_named_model, named_model_dir
 from align.runs import TrainResult, run
 from align.trainers.engines import engine_options
 
@@ -46,14 +54,15 @@ def resolve_recipe(recipe: str | Path | Recipe | dict[str, Any], overrides: tupl
 
 
 def load_plugins_and_check(recipe: Recipe) -> None:
-    """Everything ``align validate`` promises: plugins load, a named model's package is installed, every reward and
-    credit name and option exists, the
-    algorithm composes with the credit module, the task takes the options given, and the runtime honours every key
-    the recipe sets (or it is refused here, in one line naming the key)."""
+    """Everything ``align validate`` promises: plugins load, a named model is converted or its package installed,
+    every reward and credit name and option exists, the algorithm composes with the credit module, the task takes
+    the options given, and the runtime honours every key the recipe sets (or it is refused here, in one line naming
+    the key)."""
     rewards_provider().check(recipe)
-    if is_named_model(recipe.model.path):
+    path = recipe.model.path
+    if is_named_model(path) and not (named_model_dir(path, cache_root(recipe)) / "config.json").is_file():
         try:
-            check_named_model(recipe.model.path)
+            check_named_model(path)
         except AlignError as err:
             raise RecipeError(f"recipe key 'model.path': {err}") from None
     recipe.algorithm_spec()  # credit granularity vs estimator, now that credit modules are registered

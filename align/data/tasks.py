@@ -109,10 +109,10 @@ _LOSS = ["gives {n} {item} to a friend", "loses {n} {item}", "sells {n} {item}",
 
 @TASKS.register("word_problems", reward="math_equivalence")
 def word_problems(*, train_size: int, eval_size: int, seed: int, steps: int = 2, max_number: int = 30) -> Any:
-    """Multi-step arithmetic word problems in English for a chat model: a starting count, then ``steps`` gains or
-    losses, then the question (``"Ava has 12 apples. She buys 7 more apples, then she gives 5 apples to a friend.
-    How many apples does Ava have now?"`` -> ``"14"``). Counts never go negative; every number is at most
-    ``max_number``. Checked with ``math_equivalence`` on the boxed answer."""
+    """Arithmetic word problems in English for a chat model: a starting count, then ``steps`` gains or losses, then
+    the question (``"Ava has 12 apples. Then Ava buys 7 more apples, then gives 5 apples to a friend. How many apples
+    does Ava have now?"`` -> ``"14"``). Counts never go negative; every number is at most ``max_number``. The
+    default verifier is ``math_equivalence`` (a recipe picks how the answer is extracted)."""
     if steps < 1 or max_number < 2:
         raise InputError(f"word_problems needs steps >= 1 and max_number >= 2, got {steps}, {max_number}")
 

