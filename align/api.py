@@ -88,6 +88,9 @@ def _check_engine_options(recipe: Recipe) -> None:
     if unknown:
         raise RecipeError(f"recipe key 'rollout.engine_options.{unknown[0]}': the {name} engine has no such option; "
                           f"valid options: {', '.join(valid)}")
+    if "adapter_sync" in recipe.rollout.engine_options and not recipe.lora.enabled:
+        raise RecipeError("recipe key 'rollout.engine_options.adapter_sync': applies to a LoRA policy only; set "
+                          "lora.enabled: true or remove it")
 
 
 @contextmanager

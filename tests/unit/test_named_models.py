@@ -86,3 +86,16 @@ def test_validate_accepts_a_converted_model_without_its_package(tmp_path: Path,
         importlib.metadata.PackageNotFoundError(name)))
     load_plugins_and_check(recipe)
     assert prepare_named_model("smollm2-135m-instruct", tmp_path, log=lambda _: None) == converted
+
+
+def test_adapter_sync_without_lora_is_refused_not_ignored() -> None:
+    pytest.importorskip("vllm")
+    from align.api import load_plugins_and_check
+    from align.config import RecipeError, load_recipe
+
+    recipe = load_recipe(ROOT / "recipes" / "lora_smollm2.yaml", ["rollout.engine=vllm", "lora.enabled=false",
+                                                                  "rollout.engine_options.adapter_sync=merge"])
+    with pytest.raises(RecipeError, match=r"^recipe key 'rollout.engine_options.adapter_sync': applies to a LoRA"):
+        load_plugins_and_check(recipe)
+    load_plugins_and_check(load_recipe(ROOT / "recipes" / "lora_smollm2.yaml",
+                                       ["rollout.engine=vllm", "rollout.engine_options.adapter_sync=merge"]))
