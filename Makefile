@@ -42,7 +42,7 @@ contracts: venv
 	$(BIN)/lint-imports
 
 unit: venv
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=40
 
 test: lint typecheck contracts unit
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 
@@ -19,7 +19,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 
 def _quiet_libraries() -> None:
+    """Library chatter (progress bars, advice, multi-line warnings) would bury the one line a mistake prints."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     import shutil
 
     if shutil.which("nvidia-smi") is None:  # DeepSpeed's CPU accelerator, without its probe's warning; GPUs: cuda
@@ -31,13 +33,28 @@ def _quiet_libraries() -> None:
         hf_logging.set_verbosity_error()
     except ImportError:
         pass
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()
+        # its errors (a torn JSON file) also reach the caller as exceptions, which print as the one line
+        datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    except ImportError:
+        pass
     import warnings
 
     warnings.filterwarnings("ignore", message=".*tensor.detach.*")
+    warnings.formatwarning = _one_line_warning
 
 
-def _fail(err: BaseException) -> None:
-    typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                      line: str | None = None) -> str:
+    return f"warning: {' '.join(str(message).split())}\n"
+
+
+def _fail(err: BaseException) -> NoReturn:
+    # one line whatever the message holds: a newline from a library's text would read as a second error
+    typer.secho(f"error: {' '.join(str(err).split())}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code=2)
 
 
@@ -64,7 +81,9 @@ def validate(
     recipe: Annotated[Path, typer.Argument(help="recipe YAML")],
     overrides: Annotated[list[str] | None, typer.Argument(help="key.path=value overrides")] = None,
 ) -> None:
-    """Check a recipe (keys, types, registry names, plugins, algorithm coherence) without running it."""
+    """Check everything `align train` checks before its first step (keys, types, names, options, plugins, the
+    device, directories, the model's configuration and tokenizer, LoRA targets, the data) without training."""
+    _quiet_libraries()
     from align import api
 
     try:
@@ -81,12 +100,21 @@ def validate(
 @app.command("list")
 def list_registries() -> None:
     """Every registry and its names."""
+    from align.components import rewards_provider
+
+    try:
+        reward_registries = rewards_provider().registries()
+    except AlignError as err:
+        _fail(err)
+    _print_registries(reward_registries)
+
+
+def _print_registries(reward_registries: dict[str, list[str]]) -> None:
     from rich.console import Console
     from rich.table import Table
 
     from align.advantages import ADVANTAGES
     from align.algorithms import PRESETS
-    from align.components import rewards_provider
     from align.data.tasks import TASKS
     from align.losses import KL_ESTIMATORS, POLICY_LOSSES, PREFERENCE_LOSSES, REDUCERS
 
@@ -98,7 +126,7 @@ def list_registries() -> None:
                             ("advantage estimators", ADVANTAGES), ("preference losses", PREFERENCE_LOSSES),
                             ("tasks", TASKS)):
         table.add_row(label, ", ".join(registry.names()))
-    for label, names in rewards_provider().registries().items():
+    for label, names in reward_registries.items():
         table.add_row(label, ", ".join(names))
     Console().print(table)
 
@@ -157,9 +185,11 @@ def sft(
 @app.command()
 def report(
     runs: Annotated[list[Path], typer.Argument(help="one or more run directories")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="HTML file to write")] = Path("report.html"),
+    output: Annotated[Path, typer.Option("-o", "--output", help="HTML file to write; an existing directory gets "
+                                         "report.html inside it")] = Path("report.html"),
 ) -> None:
-    """A self-contained HTML report: learning curves side by side, and per-token credit heatmaps."""
+    """A self-contained HTML report: learning curves side by side, and per-token credit heatmaps. A torn last line
+    of metrics.jsonl or samples.jsonl (a killed run) is left out with a warning."""
     from align.report import write_report
 
     try:

@@ -9,12 +9,25 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-from collections.abc import Mapping, Sequence
+import inspect
+import math
+import re
+import typing
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from align.algorithms import PRESETS, AlgorithmSpec
 from align.errors import AlignError, UnknownNameError
@@ -25,7 +38,37 @@ class RecipeError(AlignError, ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan: no recipe number means anything as inf or NaN (an infinite lr or a NaN reward weight would only
+    # fail, or poison every update, once training runs)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic's lax mode reads `steps: true` as 1; a number written as true/false is a typo, not a count (strict
+        # mode would also refuse "1e-4", which YAML 1.1 reads as a string and recipes rely on)
+        field = cls.model_fields.get(info.field_name or "")
+        if field is not None and takes_numbers(field.annotation) and _holds_a_boolean(value):
+            raise ValueError(f"expects a number, got the boolean {str(value).lower()}; write a number (e.g. 1 or 0.5)")
+        return value
+
+
+def takes_numbers(annotation: Any) -> bool:
+    """Whether a field (or an option's annotation) holds numbers: int, float, a Literal of numbers, a tuple of them."""
+    if annotation is bool:
+        return False
+    if annotation in (int, float):
+        return True
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is Literal:
+        return bool(args) and all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args)
+    if bool in args:  # int | bool: a boolean is meant
+        return False
+    return any(takes_numbers(a) for a in args if a is not type(None) and a is not Ellipsis)
+
+
+def _holds_a_boolean(value: Any) -> bool:
+    return isinstance(value, bool) or (isinstance(value, (list, tuple)) and any(isinstance(v, bool) for v in value))
 
 
 class SFTWarmup(_Section):
@@ -44,6 +87,13 @@ class TinyModel(_Section):
     num_heads: int = Field(4, ge=1)
     intermediate_size: int = Field(512, ge=8)
 
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> TinyModel:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"model.tiny.hidden_size: {self.hidden_size} must be a multiple of num_heads "
+                             f"({self.num_heads}): each attention head gets an equal slice")
+        return self
+
 
 class ModelSection(_Section):
     path: str = "tiny"  # "tiny" (built for the task), a named offline model (align list), an HF directory or hub id
@@ -54,13 +104,20 @@ class ModelSection(_Section):
     cache_dir: str | None = None  # where tiny and named models are cached; default $ALIGN_CACHE or ~/.cache/align
 
 
+_FILE_SUFFIXES = (".jsonl", ".json", ".parquet")  # align.data.loading's file sources (it sits beside config)
+
+
 class DataSection(_Section):
     task: Literal["arithmetic", "countdown", "sorting", "word_problems"] | None = "arithmetic"
     task_options: dict[str, Any] = Field(default_factory=dict)
     path: str | None = None  # JSONL, Parquet, a saved dataset directory, or a hub dataset name
     subset: str | None = None  # the hub dataset's configuration (e.g. "main" for openai/gsm8k)
     split: str = "train"
-    eval_split: str | None = "test"
+    # Held-out rows never share a prompt with training rows. data.eval_path: a file of its own. eval_split: a split of
+    # a saved DatasetDict or hub dataset (unset: its "test" split where it has one). Neither: a seeded split
+    # (recipe seed) of data.path; a file has no splits, so eval_split is refused for one.
+    eval_split: str | None = None
+    eval_path: str | None = None  # a held-out JSONL, JSON or Parquet file (or saved dataset) with data.path's columns
     prompt_column: str = "prompt"
     answer_column: str = "answer"
     answer_regex: str | None = None  # keep the first group of this regex from each answer (e.g. "#### (.*)")
@@ -81,6 +138,27 @@ class DataSection(_Section):
         if (self.task is None) == (self.path is None):
             raise ValueError("set exactly one of data.task (a synthetic task) and data.path (a dataset)")
         return self
+
+    @field_validator("eval_split")
+    @classmethod
+    def _split_of_a_dataset(cls, eval_split: str | None, info: ValidationInfo) -> str | None:
+        path, split = info.data.get("path"), info.data.get("split")
+        if eval_split is not None and path is not None and Path(path).suffix in _FILE_SUFFIXES:
+            raise ValueError(f"data.path {path!r} is a file, which has no splits: remove data.eval_split and set "
+                             "data.eval_path to a file of held-out rows (or set neither for a seeded split)")
+        if eval_split is not None and eval_split == split:
+            raise ValueError(f"{eval_split!r} is also data.split: held-out rows would be training rows; name another "
+                             "split, or leave data.eval_split unset for a seeded split")
+        return eval_split
+
+    @field_validator("eval_path")
+    @classmethod
+    def _eval_path_beside_a_path(cls, eval_path: str | None, info: ValidationInfo) -> str | None:
+        if eval_path is not None and info.data.get("eval_split") is not None:
+            raise ValueError("set one of data.eval_path (a held-out file) and data.eval_split (a split of data.path)")
+        if eval_path is not None and info.data.get("path") is None:
+            raise ValueError("holds out rows for data.path; a data.task makes its own held-out split")
+        return eval_path
 
 
 class RolloutSection(_Section):
@@ -115,9 +193,15 @@ class AlgorithmSection(_Section):
         preset = PRESETS.get(self.preset)
         unknown = sorted(set(self.overrides) - set(AlgorithmSpec.__dataclass_fields__) - {"name"})
         if unknown:
-            raise ValueError(f"unknown AlgorithmSpec field {unknown[0]!r}; valid: "
+            raise ValueError(f"algorithm.overrides.{unknown[0]}: unknown AlgorithmSpec field {unknown[0]!r}; valid: "
                              f"{', '.join(sorted(AlgorithmSpec.__dataclass_fields__))}")
-        return preset.with_options(**self.overrides) if self.overrides else preset
+        if not self.overrides:
+            return preset
+        try:
+            check_option_values("algorithm.overrides", AlgorithmSpec, self.overrides)
+            return preset.with_options(**self.overrides)
+        except (TypeError, AttributeError) as err:  # a value of the wrong shape, e.g. loss_kwargs: 3
+            raise ValueError(f"algorithm.overrides: {_first_line(err)}") from None
 
 
 class RewardEntry(_Section):
@@ -149,20 +233,31 @@ class LearnerSection(_Section):
     mixed_precision: Literal["no", "bf16"] = "no"
     beta: float | None = None  # preference losses: shorthand for algorithm.overrides.preference_kwargs.beta
 
+    @field_validator("betas", mode="before")
+    @classmethod
+    def _adam_betas(cls, betas: Any) -> Any:
+        # torch refuses these only when the optimiser is built, after the model has loaded
+        numbers = isinstance(betas, (list, tuple)) and all(isinstance(b, (int, float)) and not isinstance(b, bool)
+                                                           for b in betas)
+        if not numbers or len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"must be two numbers in [0, 1) (Adam's beta1 and beta2), e.g. [0.9, 0.999]; got "
+                             f"{betas!r}")
+        return betas
+
 
 class LoraSection(_Section):
     enabled: bool = False
     r: int = Field(16, ge=1)
     alpha: int = Field(32, ge=1)
     dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1)
     merge_on_save: bool = False
 
 
 class RuntimeSection(_Section):
     backend: Literal["local", "ray"] = "local"
-    device: str = "cpu"
-    threads: int | None = Field(None, ge=1)  # torch intra-op threads; None = leave as is
+    device: str = "cpu"  # cpu, cuda, cuda:<index> or mps; align validate checks this machine has it
+    threads: int | None = Field(None, ge=1, le=1024)  # torch intra-op threads; None = leave as is
     # ray: an existing cluster's address (else RAY_ADDRESS, else an embedded local Ray), and the actors
     address: str | None = None
     learners: int = Field(2, ge=1)  # DeepSpeed ranks
@@ -179,6 +274,13 @@ class RuntimeSection(_Section):
     overlap: bool = False
     is_level: Literal["token", "sequence"] = "token"
     is_cap: float = Field(2.0, gt=0)
+
+    @field_validator("device")
+    @classmethod
+    def _a_device_name(cls, device: str) -> str:
+        if not re.fullmatch(r"cpu|cuda(:\d+)?|mps", device):
+            raise ValueError(f"{device!r} is not a device; valid: cpu, cuda, cuda:<index> (e.g. cuda:0), mps")
+        return device
 
 
 class LoggingSection(_Section):
@@ -201,8 +303,25 @@ class CheckpointSection(_Section):
     keep: int = Field(2, ge=1)
 
 
+class GuardsSection(_Section):
+    """When a run stops instead of training on nothing (align/trainers/workload.py); the error says which reward
+    failed how, and where the run's metrics and checkpoints are."""
+
+    # a reward that fails (raises, times out, returns NaN/inf or the wrong count; None is a verdict, not a failure)
+    # on more than this share of a step's samples stops the run at that step; 1.0 never stops
+    max_reward_failure_share: float = Field(0.5, ge=0, le=1)
+    # more consecutive steps than this with no row to train on (all dropped by rewards, or all in uniform groups that
+    # the algorithm leaves out) stop the run: the policy cannot change; null never stops
+    max_empty_steps: int | None = Field(3, ge=0)
+
+
+# the run's generators (torch, numpy through datasets, vLLM) take 32-bit seeds, and the run also seeds seed + 1
+MAX_SEED = 2**32 - 2
+_NOT_IN_A_NAME = set("/\\\0*?[]")  # path separators, NUL, and the wildcards `--resume` globs the runs with
+
+
 class Recipe(_Section):
-    name: str = "run"
+    name: str = "run"  # the run directory is <logging.dir>/<name>-<time>
     seed: int = 0
     plugins: list[str] = Field(default_factory=list)
     model: ModelSection = ModelSection()
@@ -216,6 +335,42 @@ class Recipe(_Section):
     runtime: RuntimeSection = RuntimeSection()
     logging: LoggingSection = LoggingSection()
     checkpoint: CheckpointSection = CheckpointSection()
+    guards: GuardsSection = GuardsSection()
+
+    @field_validator("name")
+    @classmethod
+    def _one_path_component(cls, name: str) -> str:
+        # the name becomes a directory under logging.dir: "../x" would write outside it, "a/b" could not be resumed
+        bad = (not name or name.startswith(".") or bool(_NOT_IN_A_NAME & set(name))
+               or not name.isprintable() or len(name) > 200)
+        if bad:
+            raise ValueError(f"{name!r} must be one path component naming the run directory: not empty, no leading "
+                             "'.', no '/', '\\', NUL, wildcards or control characters, at most 200 characters; "
+                             "e.g. name: my_run")
+        return name
+
+    @field_validator("seed", mode="before")
+    @classmethod
+    def _seed_in_range(cls, seed: Any) -> Any:
+        # before pydantic's own parsing, whose message for 1e23 ("exceeded maximum size") hides the range
+        if isinstance(seed, str):  # YAML 1.1 reads 1e23 as a string
+            with contextlib.suppress(ValueError):
+                seed = float(seed) if any(c in seed for c in ".eE") else int(seed)
+        number = isinstance(seed, (int, float)) and not isinstance(seed, bool)
+        if number and not (0 <= seed <= MAX_SEED and float(seed).is_integer()):
+            raise ValueError(f"must be a whole number from 0 to {MAX_SEED} (torch, numpy and vLLM take 32-bit "
+                             f"seeds); got {seed}")
+        return seed
+
+    @field_validator("rewards")
+    @classmethod
+    def _each_reward_once(cls, entries: list[RewardEntry]) -> list[RewardEntry]:
+        names = [e.name for e in entries]
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                raise ValueError(f"rewards.{i}.name: {name!r} is already rewards.{names.index(name)}; each reward may "
+                                 "appear once (merge the entries: one weight, one set of options)")
+        return entries
 
     @model_validator(mode="after")
     def _coherent(self) -> Recipe:
@@ -260,6 +415,36 @@ def choices(what: str, got: str, known: Sequence[str]) -> str:
     return f"{what} {got!r}{maybe}; valid: {', '.join(known)}"
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping names one key twice; PyYAML alone keeps the last value silently."""
+
+    def __init__(self, key: Any, first_line: int, line: int) -> None:
+        super().__init__(f"line {line}: key {key!r} appears twice in the same mapping (first on line {first_line}); "
+                         "keep one")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that refuses a key given twice in one mapping."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults` may be overridden key by key
+                continue
+            key = self.construct_object(key_node, deep=True)
+            with contextlib.suppress(TypeError):  # an unhashable key: SafeLoader refuses it with its own message
+                line = key_node.start_mark.line + 1
+                if key in seen:
+                    raise DuplicateKeyError(key, seen[key], line)
+                seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(text: str) -> Any:
+    """YAML like ``yaml.safe_load``, refusing duplicate keys (:class:`DuplicateKeyError`)."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass: no arbitrary objects
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``learner.lr=1e-4`` -> (["learner", "lr"], 0.0001). Values are YAML (so ``[a, b]``, ``null``, ``true``)."""
     if "=" not in text:
@@ -269,7 +454,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not path:
         raise RecipeError(f"override {text!r} has an empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as err:
         raise RecipeError(f"override {key}: value {raw!r} is not valid YAML ({_first_line(err)})") from None
     if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
@@ -319,9 +504,64 @@ def _format_validation_error(err: ValidationError) -> str:
         valid = ", ".join(sorted(section.model_fields)) if section else "(see the docs)"
         return f"recipe key {loc!r}: unknown key; valid keys here: {valid}"
     got = first.get("input")
-    shown = f"; got {got!r}" if kind not in ("value_error", "missing") and not isinstance(got, dict) else ""
+    shown = f"; got {_short_repr(got)}" if kind not in ("value_error", "missing") and not isinstance(got, dict) else ""
     msg = msg.removeprefix("Value error, ")
+    deeper = re.fullmatch(rf"({re.escape(loc)}\.[\w.]+): (.*)", msg)  # a section's check naming a key inside it
+    if deeper:
+        loc, msg = deeper.groups()
     return f"recipe key {loc!r}: {msg}{shown}"
+
+
+def _short_repr(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class OptionValueError(ValueError):
+    """An option's value does not fit its annotation; ``str()`` is ``"<key>: <message>"``."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}")
+        self.key, self.message = key, message
+
+    def recipe_error(self) -> RecipeError:
+        return RecipeError(f"recipe key {self.key!r}: {self.message}")
+
+
+def check_option_values(key: str, target: Callable[..., Any], options: Mapping[str, Any]) -> None:
+    """Each option's value fits the type ``target`` annotates it with (a function's or class's keyword argument, or
+    a dataclass field): :class:`OptionValueError` naming ``key.<option>`` otherwise. Options without a usable
+    annotation (none, or a protocol such as an auxiliary model) are left to ``target`` itself."""
+    hints = _annotations(target)
+    for name, value in options.items():
+        hint = hints.get(name)
+        if hint is None:
+            continue
+        if takes_numbers(hint) and _holds_a_boolean(value):
+            raise OptionValueError(f"{key}.{name}", f"expects a number, got the boolean {str(value).lower()}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise OptionValueError(f"{key}.{name}", f"must be a finite number, got {value}")
+        try:
+            adapter: TypeAdapter[Any] = TypeAdapter(hint)
+        except Exception:  # pydantic cannot describe the type (a protocol, an arbitrary class): target checks it
+            continue
+        try:
+            adapter.validate_python(value)
+        except ValidationError as err:
+            message = err.errors()[0]["msg"].removeprefix("Value error, ")
+            raise OptionValueError(f"{key}.{name}", f"{message}; got {_short_repr(value)}") from None
+
+
+def _annotations(target: Callable[..., Any]) -> dict[str, Any]:
+    # a class: its fields (a dataclass) and its constructor's arguments; a function: the one a decorator wraps
+    sources: list[Any] = [target, getattr(target, "__init__", None)] if isinstance(target, type) else [
+        inspect.unwrap(target)]
+    hints: dict[str, Any] = {}
+    for source in sources:
+        with contextlib.suppress(Exception):  # unresolvable annotations: the values are checked when called
+            hints.update(typing.get_type_hints(source))
+    hints.pop("return", None)
+    return hints
 
 
 def _section_model(path: list[str]) -> type[BaseModel] | None:
@@ -353,13 +593,29 @@ def recipe_from_dict(data: Mapping[str, Any]) -> Recipe:
         raise RecipeError(f"recipe: {_first_line(err)}") from None
 
 
+def _recipe_text(file: Path) -> str:
+    try:
+        raw = file.read_bytes()
+    except OSError as err:
+        raise RecipeError(f"recipe file {str(file)!r} cannot be read: {err.strerror}") from None
+    try:
+        return raw.decode("utf-8-sig")  # a byte-order mark, as some editors write, is fine
+    except UnicodeDecodeError as err:
+        raise RecipeError(f"recipe {file.name}: not UTF-8 text (byte {raw[err.start]:#04x} at offset {err.start}); "
+                          "save it as UTF-8") from None
+
+
 def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     """Read a recipe YAML, apply ``key=value`` overrides, validate."""
     file = Path(path)
+    if file.is_dir():
+        raise RecipeError(f"recipe file {str(file)!r} is a directory; name a recipe YAML file inside it")
     if not file.is_file():
         raise RecipeError(f"recipe file {str(file)!r} does not exist")
     try:
-        data = yaml.safe_load(file.read_text()) or {}
+        data = load_yaml(_recipe_text(file)) or {}
+    except DuplicateKeyError as err:
+        raise RecipeError(f"recipe {file.name} {err}") from None
     except yaml.YAMLError as err:
         raise RecipeError(f"recipe {file.name}: not valid YAML: {_first_line(err)}") from None
     if not isinstance(data, dict):

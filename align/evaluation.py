@@ -9,6 +9,7 @@ from align.api import load_plugins_and_check
 from align.build import greedy_eval, load_data, load_model
 from align.components import rewards_provider
 from align.config import Recipe, RecipeError, recipe_from_dict
+from align.data.loading import is_file_source, load_prompt_dataset
 from align.data.tasks import TASKS
 
 
@@ -29,8 +30,14 @@ def evaluate(target: str | Path, *, data: str, reward: str = "exact_match", size
     config = recipe_from_dict(recipe_data)
     load_plugins_and_check(config)
     model, tokenizer = _load_for_eval(path, config)
-    _, test = load_data(config)
+    test = _whole_file(data, size) if task is None and is_file_source(data) else load_data(config)[1]
     return greedy_eval(model, tokenizer, test, rewards_provider().verifier(config), max_new_tokens)
+
+
+def _whole_file(path: str, size: int) -> Any:
+    """A file given to ``align eval`` is held-out data, all of it (a training run splits its file instead)."""
+    rows = load_prompt_dataset(path, split="train", prompt_column="prompt", answer_column="answer")
+    return rows.select(range(min(len(rows), size)))
 
 
 def _load_for_eval(path: Path, recipe: Recipe) -> tuple[Any, Any]:

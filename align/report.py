@@ -10,13 +10,14 @@ from __future__ import annotations
 import html
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from align.errors import InputError
+from align.trainers.jsonl import Warn, warn_on_stderr
 from align.trainers.metrics import read_metrics
 from align.trainers.samples import read_samples
 
@@ -118,13 +119,29 @@ def token_heatmap(samples: list[dict[str, Any]], module: str) -> str:
     return legend + "".join(rows)
 
 
-def _load_run(path: Path) -> dict[str, Any]:
+def _load_run(path: Path, warn: Warn) -> dict[str, Any]:
+    if not path.is_dir():
+        raise InputError(f"{path}: no such run directory")
     if not (path / "metrics.jsonl").is_file():
-        raise InputError(f"{path}: not a run directory (no metrics.jsonl)")
-    recipe = yaml.safe_load((path / "recipe.yaml").read_text()) if (path / "recipe.yaml").is_file() else {}
-    summary = json.loads((path / "summary.json").read_text()) if (path / "summary.json").is_file() else {}
-    return {"path": path, "name": path.name, "recipe": recipe or {}, "summary": summary,
-            "metrics": read_metrics(path), "samples": read_samples(path)}
+        raise InputError(f"{path}: not a run directory (no metrics.jsonl); align train writes one into each run")
+    return {"path": path, "name": path.name, "recipe": _optional_mapping(path / "recipe.yaml", yaml.safe_load, warn),
+            "summary": _optional_mapping(path / "summary.json", json.loads, warn),
+            "metrics": read_metrics(path, warn), "samples": read_samples(path, warn)}
+
+
+def _optional_mapping(path: Path, parse: Callable[[str], Any], warn: Warn) -> dict[str, Any]:
+    """``recipe.yaml`` or ``summary.json``: the report only labels runs with them, so one that is missing or
+    unreadable (a run killed while writing it) leaves a gap, with a warning, rather than no report."""
+    if not path.is_file():
+        return {}
+    try:
+        value = parse(path.read_text())
+    except (OSError, ValueError, yaml.YAMLError):  # ValueError: bad JSON, or bytes that are not UTF-8
+        value = None
+    if not isinstance(value, dict):
+        warn(f"{path}: not readable as a mapping; the report leaves out what it holds")
+        return {}
+    return value
 
 
 def _chosen_steps(samples: list[dict[str, Any]], count: int = 3) -> list[int]:
@@ -134,11 +151,11 @@ def _chosen_steps(samples: list[dict[str, Any]], count: int = 3) -> list[int]:
     return sorted({steps[0], steps[len(steps) // 2], steps[-1]})
 
 
-def build_report(run_dirs: Sequence[str | Path]) -> str:
+def build_report(run_dirs: Sequence[str | Path], warn: Warn = warn_on_stderr) -> str:
     """The HTML page for one or more runs."""
     if not run_dirs:
         raise InputError("align report needs at least one run directory")
-    runs = [_load_run(Path(p)) for p in run_dirs]
+    runs = [_load_run(Path(p), warn) for p in run_dirs]
     colours = {run["name"]: PALETTE[i % len(PALETTE)] for i, run in enumerate(runs)}
     charts = []
     for title, keys in CURVES[:1] + _reward_curves(runs) + CURVES[1:]:
@@ -187,10 +204,18 @@ def _run_tokens(run: dict[str, Any]) -> str:
     return "".join(parts)
 
 
-def write_report(run_dirs: Sequence[str | Path], output: str | Path) -> Path:
+def write_report(run_dirs: Sequence[str | Path], output: str | Path, warn: Warn = warn_on_stderr) -> Path:
+    """Write the page to ``output``, or to ``report.html`` inside it when it is a directory; returns the file."""
     out = Path(output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(build_report(run_dirs))
+    if out.is_dir():
+        out = out / "report.html"
+    page = build_report(run_dirs, warn)  # before touching the output: a bad run directory leaves nothing behind
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(page)
+    except OSError as err:  # a folder on the way is a file, no permission, a full disk
+        where = f" ({err.filename})" if err.filename and Path(err.filename) != out else ""
+        raise InputError(f"cannot write the report to {str(out)!r}: {err.strerror or err}{where}") from None
     return out
 
 

@@ -9,6 +9,7 @@ or behind a Ray actor.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from align.build import (
     new_run_dir,
     prepare_base_model,
     seed_everything,
+    train_and_held_out,
     with_rendered_prompts,
 )
 from align.components import Parts, RunPlan, check_runtime, get_runtime, rewards_provider
@@ -30,7 +32,7 @@ from align.config import Recipe
 from align.data.loading import load_preference_dataset
 from align.trainers.checkpoint import latest_checkpoint
 from align.trainers.controller import Controller, Schedule
-from align.trainers.metrics import MetricsLogger
+from align.trainers.metrics import MetricsLogger, read_metrics
 from align.trainers.preference import task_pairs, tokenize_pairs
 from align.trainers.probe import ProbeCheck
 from align.trainers.protocols import SamplingParams, Workload
@@ -50,12 +52,16 @@ def run(recipe: Recipe, spec: AlgorithmSpec, *, resume: str | Path | bool, log: 
     runtime = get_runtime(recipe.runtime.backend)
     check_runtime(recipe, runtime)
     provider = rewards_provider()
+
+    def warn(message: str) -> None:
+        log(f"warning: {message}")
+
+    run_dir = find_resumable_run(recipe, resume) if resume else None
+    finished = None if run_dir is None else _finished(run_dir, recipe, log)
+    if finished is not None:
+        return finished
     base = prepare_base_model(recipe, log)
     tokenizer = load_tokenizer(base, recipe)
-    run_dir = find_resumable_run(recipe, resume) if resume else None
-    if run_dir is not None and (run_dir / "summary.json").is_file() and _finished(run_dir, recipe):
-        log(f"{run_dir} already finished all {recipe.learner.steps} steps; nothing to resume")
-        return TrainResult(run_dir, json.loads((run_dir / "summary.json").read_text()))
     parts = runtime.place(RunPlan(recipe, spec, base, tokenizer, provider, log))
     try:
         seed_everything(recipe.seed + 1)  # the training stream starts from a known state (a resume restores its own)
@@ -66,11 +72,11 @@ def run(recipe: Recipe, spec: AlgorithmSpec, *, resume: str | Path | bool, log: 
             workload, evaluate, probe_prompts = _policy(recipe, spec, parts, tokenizer)
         run_dir = run_dir or new_run_dir(recipe)
         logger = MetricsLogger(run_dir, tensorboard=recipe.logging.tensorboard, backends=recipe.logging.backends,
-                               project=recipe.logging.project, config=recipe.model_dump(mode="json"))
+                               project=recipe.logging.project, config=recipe.model_dump(mode="json"), warn=warn)
         samples = None if spec.kind == "preference" else SampleRecorder(
             run_dir, tokenizer, per_step=recipe.logging.samples_per_step,
             max_bytes=int(recipe.logging.samples_max_mb * 2**20),
-            diagnostics=provider.diagnostics(recipe.logging.credit_diagnostics))
+            diagnostics=provider.diagnostics(recipe.logging.credit_diagnostics), warn=warn)
         probe = None if probe_prompts is None else ProbeCheck(
             probe_prompts, tolerance=probe_tolerance(recipe), max_new_tokens=recipe.rollout.max_new_tokens,
             temperature=recipe.rollout.temperature)
@@ -85,9 +91,11 @@ def run(recipe: Recipe, spec: AlgorithmSpec, *, resume: str | Path | bool, log: 
         save_final(parts.policy(), tokenizer, run_dir, recipe)
     finally:
         parts.close()
+    if not last:  # no step left to run (killed after its last checkpoint, before its summary): as it was logged
+        last = _logged_metrics(run_dir, _trained_steps(run_dir), warn)
     summary = {**last, **{f"{k}_before": v for k, v in before.items()},
                **{f"{k}_after": last.get(k, v) for k, v in before.items()}}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
+    _write_atomically(run_dir / "summary.json", json.dumps(summary, indent=2, sort_keys=True))
     for key, label in (("eval/preference_accuracy", "held-out preference accuracy"),
                        ("eval/accuracy", "held-out accuracy")):
         if key in before:
@@ -104,9 +112,43 @@ def probe_tolerance(recipe: Recipe) -> float:
     return 5e-2 if bf16 else 1e-3
 
 
-def _finished(run_dir: Path, recipe: Recipe) -> bool:
+def _finished(run_dir: Path, recipe: Recipe, log: Callable[[str], None]) -> TrainResult | None:
+    """The run as it is when it already trained ``learner.steps`` steps (or more) and wrote its summary: resuming
+    it leaves ``summary.json`` and ``final/`` untouched. None where steps are left, or the summary is missing."""
+    trained = _trained_steps(run_dir)
+    summary = _read_summary(run_dir / "summary.json")
+    if trained < recipe.learner.steps or summary is None:
+        return None
+    log(f"{run_dir} already trained {trained} steps (learner.steps={recipe.learner.steps}): nothing to resume; "
+        "summary.json and final/ are left as they are")
+    return TrainResult(run_dir, summary)
+
+
+def _trained_steps(run_dir: Path) -> int:
     checkpoint = latest_checkpoint(run_dir / "checkpoints")
-    return checkpoint is not None and checkpoint.name == f"step-{recipe.learner.steps:08d}"
+    return 0 if checkpoint is None else int(checkpoint.name.removeprefix("step-"))
+
+
+def _read_summary(path: Path) -> dict[str, float] | None:
+    """``summary.json``, or None where it is missing or was cut short (then the resumed run writes it again)."""
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) else None
+
+
+def _logged_metrics(run_dir: Path, step: int, warn: Callable[[str], None]) -> dict[str, float]:
+    """What ``metrics.jsonl`` logged at ``step`` (the summary's last-step metrics), without the step itself."""
+    rows = [row for row in read_metrics(run_dir, warn) if row["step"] == step]
+    return {k: v for k, v in rows[-1].items() if k != "step"} if rows else {}
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Whole or not at all: a kill while writing leaves no half a summary."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _policy(recipe: Recipe, spec: AlgorithmSpec, parts: Parts,
@@ -123,7 +165,8 @@ def _policy(recipe: Recipe, spec: AlgorithmSpec, parts: Parts,
         sampling=SamplingParams(max_new_tokens=recipe.rollout.max_new_tokens, temperature=recipe.rollout.temperature,
                                 top_p=recipe.rollout.top_p),
         credit=parts.credit, accuracy_reward=provider.accuracy_reward(recipe), overlap=recipe.runtime.overlap,
-        is_level=recipe.runtime.is_level, is_cap=recipe.runtime.is_cap)
+        is_level=recipe.runtime.is_level, is_cap=recipe.runtime.is_cap,
+        max_reward_failure_share=recipe.guards.max_reward_failure_share, max_empty_steps=recipe.guards.max_empty_steps)
 
     def evaluate() -> dict[str, float]:
         return {"eval/accuracy": greedy_eval(parts.policy(), tokenizer, test, verifier,
@@ -141,11 +184,9 @@ def _preference(recipe: Recipe, parts: Parts,
         train, test_prompts = load_data(recipe)
         train_pairs, test_pairs = task_pairs(train, recipe.seed), task_pairs(test_prompts, recipe.seed + 1)
     else:
-        assert recipe.data.path is not None
-        data = load_preference_dataset(recipe.data.path, split=recipe.data.split)
-        split = data.train_test_split(test_size=min(recipe.data.eval_size, max(1, len(data) // 10)),
-                                      seed=recipe.seed)
-        train_pairs, test_pairs = split["train"], split["test"]
+        train_pairs, test_pairs = train_and_held_out(recipe, lambda path, split: load_preference_dataset(
+            path, split=split))
+        test_pairs = test_pairs.select(range(min(len(test_pairs), recipe.data.eval_size)))
     workload = PreferenceWorkload(
         pairs=train_pairs, tokenize=lambda p, c, r: tokenize_pairs(tokenizer, p, c, r),
         sampler=PromptSampler(len(train_pairs), recipe.seed), pairs_per_step=recipe.rollout.prompts_per_step,

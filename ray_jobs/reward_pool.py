@@ -44,7 +44,8 @@ class RewardPool:
                 compute = max((p.metrics.pop("time/reward_compute", 0.0) for p in parts), default=0.0)
                 scores = merge_scores(parts)
                 return RewardResult(rewards=scores.total, valid=scores.valid, per_reward=scores.per_reward,
-                                    metrics={**scores.metrics, "time/reward_compute": compute})
+                                    metrics={**scores.metrics, "time/reward_compute": compute},
+                                    failures=scores.failures)
             except RayActorError:
                 if attempt == 2:
                     raise

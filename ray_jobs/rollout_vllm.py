@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,9 @@ class VLLMRolloutEngine:
         self.pad_id, self.eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
         self.weight_version = 0
         self._scratch = Path(tempfile.mkdtemp(prefix="align-vllm-sync-"))
+        # removed when the engine is closed, collected or the interpreter exits, whichever comes first: a test or a
+        # crashed run that never calls close() must not leave one directory per engine in /tmp
+        self._remove_scratch = weakref.finalize(self, shutil.rmtree, self._scratch, ignore_errors=True)
         self._config_files = [p for p in Path(model_dir).iterdir() if p.suffix == ".json"]
 
     def sync_weights(self, model: Any, version: int) -> None:
@@ -139,7 +143,7 @@ class VLLMRolloutEngine:
                        weight_version=self.weight_version, columns=cols)
 
     def close(self) -> None:
-        shutil.rmtree(self._scratch, ignore_errors=True)
+        self._remove_scratch()
 
 
 def _factory(model: Any, tokenizer: Any, model_dir: str | Path, options: Mapping[str, Any]) -> VLLMRolloutEngine:

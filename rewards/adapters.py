@@ -31,7 +31,7 @@ class ComposerRewardFunction:
     def __call__(self, rollout: Rollout, step: int) -> RewardResult:
         scores = self.composer.score(reward_batch(rollout, step))
         return RewardResult(rewards=scores.total, valid=scores.valid, per_reward=scores.per_reward,
-                            metrics=scores.metrics)
+                            metrics=scores.metrics, failures=scores.failures)
 
 
 MODEL_OPTIONS = ("dpo_model", "ref_model", "positive_model", "negative_model")

@@ -26,8 +26,19 @@ def load_plugins(modules: Iterable[str]) -> list[str]:
         except ImportError as err:
             raise InputError(f"plugin {name!r} could not be imported: {err}; check the module name and PYTHONPATH") \
                 from None
+        except (Exception, SystemExit) as err:  # SystemExit too: a plugin's sys.exit() would end the CLI silently
+            raise InputError(f"plugin {name!r} failed while being imported: {describe_failure(err)}; a plugin should "
+                             "only register rewards when imported") from None
         loaded.append(name)
     return loaded
+
+
+def describe_failure(err: BaseException) -> str:
+    """One line for an exception raised by user code: its type and message (``sys.exit(7)`` says so)."""
+    if isinstance(err, SystemExit):
+        return f"it called sys.exit({err.code!r})"
+    message = " ".join(str(err).split())[:200]
+    return f"{type(err).__name__}: {message}" if message else type(err).__name__
 
 
 def load_entry_points(group: str = ENTRY_POINT_GROUP) -> list[str]:
@@ -39,9 +50,9 @@ def load_entry_points(group: str = ENTRY_POINT_GROUP) -> list[str]:
             continue
         try:
             ep.load()
-        except Exception as err:
-            raise InputError(f"entry point {ep.name!r} ({ep.value}) in group {group!r} failed to load: {err}") \
-                from None
+        except (Exception, SystemExit) as err:
+            raise InputError(f"entry point {ep.name!r} ({ep.value}) in group {group!r} failed to load: "
+                             f"{describe_failure(err)}") from None
         _loaded_entry_points.add(key)
         loaded.append(ep.name)
     return loaded

@@ -4,6 +4,7 @@ importing this package."""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -12,7 +13,7 @@ from torch import Tensor
 
 from align.algorithms import AlgorithmSpec
 from align.components import ScorerLoader
-from align.config import Recipe, RecipeError, RewardEntry, choices
+from align.config import OptionValueError, Recipe, RecipeError, RewardEntry, check_option_values, choices
 from align.data.tasks import TASKS
 from align.errors import InputError
 from align.trainers.evaluate import Verifier
@@ -48,10 +49,7 @@ class RecipeRewards:
             if entry.name not in REWARDS:
                 raise RecipeError(f"recipe key 'rewards.{i}.name': " + choices("unknown reward", entry.name,
                                                                                REWARDS.names()))
-            try:
-                REWARDS.get(entry.name).check_options(entry.options)
-            except Exception as err:
-                raise RecipeError(f"recipe key 'rewards.{i}.options': {err}") from None
+            _check_options(i, entry)
         for i, name in enumerate(recipe.logging.credit_diagnostics):
             if name not in CREDIT:
                 raise RecipeError(f"recipe key 'logging.credit_diagnostics.{i}': " + choices(
@@ -61,6 +59,7 @@ class RecipeRewards:
         if recipe.credit.name not in CREDIT:
             raise RecipeError("recipe key 'credit.name': " + choices("unknown credit module", recipe.credit.name,
                                                                      CREDIT.names()))
+        _check_credit_options(recipe.credit.name, recipe.credit.options)
         if recipe.credit.name in ("prm_steps", "thr") and recipe.algorithm.spec().kind == "policy":
             needs = ("step scores from a process reward model" if recipe.credit.name == "prm_steps"
                      else "the policy's logits and hidden states")
@@ -146,6 +145,40 @@ class RecipeRewards:
 
     def registries(self) -> dict[str, list[str]]:
         return {"rewards": list(REWARDS.names()), "credit modules": list(CREDIT.names())}
+
+
+def _check_options(index: int, entry: RewardEntry) -> None:
+    """An unknown option names the options section (the key is what is wrong); a refused value names its key, so
+    that a bad ``extract: nosuch_mode`` fails validate instead of every sample of every step."""
+    fn = REWARDS.get(entry.name)
+    for key, value in entry.options.items():
+        try:
+            fn.check_name(key)
+        except Exception as err:
+            raise RecipeError(f"recipe key 'rewards.{index}.options': {err}") from None
+        try:
+            fn.check_value(key, value)
+        except Exception as err:
+            raise RecipeError(f"recipe key 'rewards.{index}.options.{key}': {err}") from None
+    if fn.preflight is not None:
+        try:
+            fn.preflight({**fn.options, **entry.options})
+        except Exception as err:
+            raise RecipeError(f"recipe key 'rewards.{index}': {entry.name}: {err}") from None
+
+
+def _check_credit_options(name: str, options: dict[str, Any]) -> None:
+    """The module's keyword-only arguments, with values of their annotated types (auxiliary models are paths)."""
+    module = CREDIT.get(name)
+    valid = [p.name for p in inspect.signature(module).parameters.values() if p.kind is p.KEYWORD_ONLY]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise RecipeError(f"recipe key 'credit.options.{unknown[0]}': " + choices(
+            f"credit module {name!r} has no option", unknown[0], valid or ["(none)"]))
+    try:
+        check_option_values("credit.options", module, {k: v for k, v in options.items() if k not in MODEL_OPTIONS})
+    except OptionValueError as err:
+        raise err.recipe_error() from None
 
 
 def _with_scorers(options: dict[str, Any], load_scorer: Callable[[str], Any]) -> dict[str, Any]:

@@ -25,14 +25,22 @@ def _split(pairs: list[tuple[str, str]], train_size: int, eval_size: int, seed: 
     unique = list(dict.fromkeys(pairs))  # a prompt appears once, so the splits are disjoint
     random.Random(seed).shuffle(unique)
     if len(unique) <= eval_size:
-        raise InputError(f"the task has only {len(unique)} distinct problems; lower eval_size ({eval_size}) or "
-                         "make the task larger")
+        raise InputError(f"the task has only {len(unique)} distinct problems, not more than data.eval_size "
+                         f"({eval_size}); lower data.eval_size or make the task larger (data.task_options)")
     test, train = unique[:eval_size], unique[eval_size : eval_size + train_size]
 
     def to_dataset(rows: list[tuple[str, str]]) -> Any:
         return Dataset.from_dict({"prompt": [p for p, _ in rows], "answer": [a for _, a in rows]})
 
     return DatasetDict(train=to_dataset(train), test=to_dataset(test))
+
+
+def _whole_number(task: str, option: str, value: Any, low: int, high: int, why: str) -> int:
+    """``value`` as an int in [low, high], or a one-line InputError naming the option, its range and ``why``."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise InputError(f"task {task!r}: option {option!r} must be a whole number from {low} to {high} ({why}); "
+                         f"got {value!r}")
+    return value
 
 
 def _sampled(make: Callable[[random.Random], tuple[str, str]], count: int, seed: int) -> list[tuple[str, str]]:
@@ -49,8 +57,10 @@ def _sampled(make: Callable[[random.Random], tuple[str, str]], count: int, seed:
 @TASKS.register("arithmetic", reward="exact_match")
 def arithmetic(*, train_size: int, eval_size: int, seed: int, digits: int = 2, ops: str = "+") -> Any:
     """``a<op>b=`` -> the result, with operands of up to ``digits`` digits and ops from ``+-*``."""
-    if digits < 1 or not ops or set(ops) - set("+-*"):
-        raise InputError(f"arithmetic needs digits >= 1 and ops from '+-*', got digits={digits}, ops={ops!r}")
+    _whole_number("arithmetic", "digits", digits, 1, 9, "beyond 9 the answers outgrow any sensible max_new_tokens")
+    if not isinstance(ops, str) or not ops or set(ops) - set("+-*"):
+        raise InputError(f"task 'arithmetic': option 'ops' must be a string of operators from '+-*' (e.g. '+-'); "
+                         f"got {ops!r}")
     top = 10**digits
     results = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 
@@ -71,8 +81,7 @@ def arithmetic(*, train_size: int, eval_size: int, seed: int, digits: int = 2, o
 @TASKS.register("sorting", reward="exact_match")
 def sorting(*, train_size: int, eval_size: int, seed: int, length: int = 4) -> Any:
     """``sort:5291=`` -> ``1259``: the digits in ascending order."""
-    if length < 2:
-        raise InputError(f"sorting needs length >= 2, got {length}")
+    _whole_number("sorting", "length", length, 2, 32, "a list of 2 to 32 digits")
 
     def make(rng: random.Random) -> tuple[str, str]:
         digits = [rng.randrange(10) for _ in range(length)]
@@ -86,8 +95,8 @@ def countdown(*, train_size: int, eval_size: int, seed: int, numbers: int = 3, m
     """``3,5,7->22=`` -> an expression over the given numbers (each at most once, + - *) that equals the target;
     the ``answer`` column holds one such expression (for supervised warm starts); the ``countdown`` reward accepts
     any correct one."""
-    if numbers < 2 or max_number < 2:
-        raise InputError(f"countdown needs numbers >= 2 and max_number >= 2, got {numbers}, {max_number}")
+    _whole_number("countdown", "numbers", numbers, 2, 8, "expressions over more numbers outgrow the prompts")
+    _whole_number("countdown", "max_number", max_number, 2, 1000, "targets stay printable in a few tokens")
 
     def make(rng: random.Random) -> tuple[str, str]:
         values = [rng.randint(1, max_number) for _ in range(numbers)]
@@ -113,8 +122,8 @@ def word_problems(*, train_size: int, eval_size: int, seed: int, steps: int = 2,
     the question (``"Ava has 12 apples. Then Ava buys 7 more apples, then gives 5 apples to a friend. How many apples
     does Ava have now?"`` -> ``"14"``). Counts never go negative; every number is at most ``max_number``. The
     default verifier is ``math_equivalence`` (a recipe picks how the answer is extracted)."""
-    if steps < 1 or max_number < 2:
-        raise InputError(f"word_problems needs steps >= 1 and max_number >= 2, got {steps}, {max_number}")
+    _whole_number("word_problems", "steps", steps, 1, 10, "longer stories outgrow the prompts")
+    _whole_number("word_problems", "max_number", max_number, 2, 10_000, "counts stay a few tokens long")
 
     def make(rng: random.Random) -> tuple[str, str]:
         name, item = rng.choice(_NAMES), rng.choice(_ITEMS)

@@ -32,6 +32,7 @@ class NamedModel:
     gguf: str  # the GGUF file's path inside the installed package
     description: str
     license: str
+    model_type: str = "llama"  # transformers' model_type once converted: align validate lists its modules without it
 
     @property
     def install_command(self) -> str:

@@ -22,6 +22,7 @@ from align.trainers.probe import ProbeCheck
 from align.trainers.progress import Progress
 from align.trainers.protocols import Learner, LearnerLost, RolloutEngine, WeightSync, Workload
 from align.trainers.samples import SampleRecorder
+from align.trainers.workload import TrainingStopped
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,9 @@ class Controller:
                     last = self._step(step)
                 except LearnerLost as err:
                     raise LearnerLost(f"{err} at step {step}") from None
+                except TrainingStopped as err:
+                    self.logger.log(step, err.metrics)  # the counts that stopped it stay on record
+                    raise TrainingStopped(f"{err}. {_what_is_kept(run_dir, step)}", err.metrics) from None
                 if step % self.schedule.eval_every == 0 or step == self.schedule.steps:
                     last.update(self.evaluate())
                 self.logger.log(step, last)
@@ -131,6 +135,15 @@ class Controller:
         if collected.rollout is not None:
             metrics["throughput/tokens_per_s"] = float(collected.rollout.mask.sum()) / metrics["time/step"]
         return metrics
+
+
+def _what_is_kept(run_dir: Path, step: int) -> str:
+    """Where a stopped run's work is: nothing saved is removed, and a resume continues from the checkpoint."""
+    saved = latest_checkpoint(run_dir / "checkpoints")
+    where = (f"its last checkpoint is {saved} (after the fix, `align train <recipe> --resume-from {run_dir}` "
+             "continues from it)" if saved else "it has no checkpoint yet")
+    return (f"The run stopped at step {step} without training on it: metrics up to this step are in "
+            f"{run_dir / 'metrics.jsonl'}, {where}")
 
 
 def step_timings(metrics: dict[str, float], total: float) -> dict[str, float]:

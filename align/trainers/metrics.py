@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from align.errors import InputError
+from align.trainers.jsonl import Warn, keep_steps_up_to, read_jsonl, warn_on_stderr
 
 TIMING_PREFIXES = ("time/", "throughput/")
 """Metrics that depend on wall-clock time (and so differ between otherwise identical runs)."""
@@ -23,8 +24,9 @@ class MetricsLogger:
     """
 
     def __init__(self, run_dir: Path, *, tensorboard: bool = True, backends: Sequence[str] = (),
-                 project: str = "align", config: dict[str, Any] | None = None) -> None:
+                 project: str = "align", config: dict[str, Any] | None = None, warn: Warn = warn_on_stderr) -> None:
         self.path = run_dir / "metrics.jsonl"
+        self.warn = warn
         self.writer: Any = None
         self.wandb: Any = None
         self.mlflow: Any = None
@@ -74,11 +76,8 @@ class MetricsLogger:
             self.mlflow.log_metrics({k.replace("/", "."): v for k, v in finite.items()}, step=step)
 
     def truncate_after(self, step: int) -> None:
-        """Drop lines logged after ``step`` (a resumed run re-logs them)."""
-        if not self.path.exists():
-            return
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        """Drop lines logged after ``step`` (a resumed run re-logs them), and a torn last line."""
+        keep_steps_up_to(self.path, step, self.warn)
 
     def close(self) -> None:
         if self.writer is not None:
@@ -101,6 +100,6 @@ def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
+def read_metrics(run_dir: Path, warn: Warn = warn_on_stderr) -> list[dict[str, Any]]:
+    """The rows of ``metrics.jsonl`` (a torn last line dropped with a warning)."""
+    return read_jsonl(run_dir / "metrics.jsonl", warn)

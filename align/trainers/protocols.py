@@ -132,7 +132,8 @@ class RewardResult:
     rewards: Tensor  # (B,) float64, NaN where invalid
     valid: Tensor  # (B,) bool: False = dropped by a failing reward
     per_reward: dict[str, Tensor]  # name -> (B,) raw values
-    metrics: dict[str, float]
+    metrics: dict[str, float]  # reward/<name>/failed: how many samples it failed on (raised, hung, NaN/inf, ...)
+    failures: dict[str, str] = field(default_factory=dict)  # name -> its first failure in this batch, in words
 
 
 class RewardFunction(Protocol):

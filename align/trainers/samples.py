@@ -14,6 +14,7 @@ from typing import Any
 
 from torch import Tensor
 
+from align.trainers.jsonl import Warn, keep_steps_up_to, read_jsonl, warn_on_stderr
 from align.trainers.protocols import Rollout
 
 Diagnostics = Callable[[Rollout, Tensor], dict[str, Tensor]]
@@ -22,8 +23,9 @@ Diagnostics = Callable[[Rollout, Tensor], dict[str, Tensor]]
 
 class SampleRecorder:
     def __init__(self, run_dir: Path, tokenizer: Any, *, per_step: int, max_bytes: int,
-                 diagnostics: Diagnostics | None = None) -> None:
+                 diagnostics: Diagnostics | None = None, warn: Warn = warn_on_stderr) -> None:
         self.path = run_dir / "samples.jsonl"
+        self.warn = warn
         self.tokenizer, self.per_step, self.max_bytes = tokenizer, per_step, max_bytes
         self.diagnostics = diagnostics
         self.full = self.path.exists() and self.path.stat().st_size >= max_bytes
@@ -62,9 +64,9 @@ class SampleRecorder:
         return len(lines)
 
     def truncate_after(self, step: int) -> None:
-        if self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+        """Drop the samples of steps after ``step`` (a resumed run records them again), and a torn last line."""
+        keep_steps_up_to(self.path, step, self.warn)
+        self.full = self.path.exists() and self.path.stat().st_size >= self.max_bytes
 
 
 def torchify_first(size: int, count: int) -> Tensor:
@@ -76,6 +78,6 @@ def torchify_first(size: int, count: int) -> Tensor:
     return mask
 
 
-def read_samples(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "samples.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
+def read_samples(run_dir: Path, warn: Warn = warn_on_stderr) -> list[dict[str, Any]]:
+    """The rows of ``samples.jsonl`` (a torn last line dropped with a warning)."""
+    return read_jsonl(run_dir / "samples.jsonl", warn)

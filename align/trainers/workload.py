@@ -19,11 +19,29 @@ from torch import Tensor
 
 from align.advantages import ADVANTAGES, nonuniform_groups
 from align.algorithms import AlgorithmSpec
+from align.errors import AlignError
 from align.losses import StepNormalizer, kl_reward_penalty
 from align.ops import last_token_mask, masked_mean
 from align.trainers.learner import OffPolicy, PairBatch, PolicyBatch
-from align.trainers.protocols import CreditFunction, Learner, RewardFunction, Rollout, RolloutEngine, SamplingParams
+from align.trainers.protocols import (
+    CreditFunction,
+    Learner,
+    RewardFunction,
+    RewardResult,
+    Rollout,
+    RolloutEngine,
+    SamplingParams,
+)
 from align.trainers.sampler import PromptSampler
+
+
+class TrainingStopped(AlignError):
+    """The run cannot learn: a reward fails on too many samples, or too many steps in a row had no row to train on.
+    One line; ``metrics`` are the failing step's, which the controller logs before it stops."""
+
+    def __init__(self, message: str, metrics: dict[str, float] | None = None) -> None:
+        super().__init__(message)
+        self.metrics = dict(metrics or {})
 
 
 @dataclass
@@ -110,7 +128,12 @@ class PolicyWorkload:
     overlap: bool = False
     is_level: OffPolicy = "token"
     is_cap: float = 2.0
+    # recipe guards: the share of a step's samples one reward may fail on, and how many steps in a row may have no
+    # row to train on (None: any number), before the run stops with a one-line error
+    max_reward_failure_share: float = 0.5
+    max_empty_steps: int | None = 3
     _pending: Any = None
+    _empty_steps: int = 0  # consecutive, up to this one
 
     def _submit(self) -> Any:
         index = self.sampler.next(self.prompts_per_step)
@@ -148,8 +171,11 @@ class PolicyWorkload:
             keep[keep.nonzero().squeeze(-1)[~informative]] = False
             metrics["filter/uniform_group_frac"] = 1.0 - float(informative.float().mean())
         metrics["filter/kept_frac"] = float(keep.float().mean())
+        self._stop_if_a_reward_fails(result, step, metrics)
         if not bool(keep.any()):
+            self._stop_after_empty_steps(result, step, metrics)
             return Collected(None, metrics)
+        self._empty_steps = 0
         batch = rollout.select(keep)
         rewards = result.rewards[keep]
         ref_logp = None
@@ -170,6 +196,41 @@ class PolicyWorkload:
                             ref_logp=ref_logp if in_loss else None, off_policy=self.is_level if lag > 0 else None,
                             is_cap=self.is_cap)
         return Collected(train, metrics, batch, rewards, advantages, credit)
+
+    def _stop_if_a_reward_fails(self, result: RewardResult, step: int, metrics: dict[str, float]) -> None:
+        """A reward failing on most samples is a broken reward or a bad option, not noise: train on, and the run
+        learns from the other rewards alone, or from nothing."""
+        size = len(result.valid)
+        for name in result.per_reward:
+            failed = result.metrics.get(f"reward/{name}/failed", 0.0)
+            if size and failed / size > self.max_reward_failure_share:
+                first = result.failures.get(name, "the reward's warning in the log says how")
+                raise TrainingStopped(
+                    f"reward {name!r} failed on {failed:g} of {size} samples at step {step}, more than "
+                    f"guards.max_reward_failure_share ({self.max_reward_failure_share:g}); first failure: {first}; "
+                    "fix the reward or its options, or set guards.max_reward_failure_share: 1.0 to train on what "
+                    "it does score", metrics)
+
+    def _stop_after_empty_steps(self, result: RewardResult, step: int, metrics: dict[str, float]) -> None:
+        """A step with no row to train on leaves the policy as it was, so the next step draws from the same
+        distribution: a few in a row can be chance early on, many in a row will not end by themselves."""
+        self._empty_steps += 1
+        if self.max_empty_steps is None or self._empty_steps <= self.max_empty_steps:
+            return
+        size, dropped = len(result.valid), int((~result.valid).sum())
+        if dropped == size:
+            unscored = [f"{name!r} on {int(torch.isnan(values).sum())}" for name, values in result.per_reward.items()
+                        if bool(torch.isnan(values).any())]
+            why = ("every sample was dropped by the rewards" if not unscored else
+                   f"every sample was dropped: no value (None or a failure) from {', '.join(unscored)}")
+        else:
+            why = (f"{dropped} of {size} samples were dropped by the rewards and every group left had the same "
+                   f"reward for all its samples, which {self.spec.name} leaves out (drop_uniform_groups)")
+        raise TrainingStopped(
+            f"{self._empty_steps} steps in a row had no row to train on, so the policy never changed (step {step}: "
+            f"{why}); check that the rewards can tell completions apart (e.g. that an extract mode matches what the "
+            f"model writes), or allow more with guards.max_empty_steps (now {self.max_empty_steps}; null never "
+            "stops)", metrics)
 
     def _rollout_metrics(self, rollout: Rollout, per_reward: dict[str, Tensor]) -> dict[str, float]:
         lengths = rollout.mask.sum(-1)

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Annotated
+
+from annotated_types import Ge, Gt
 
 from rewards.registry import reward
 
+Tokens = Annotated[int, Gt(0)]  # a token count; checked by align validate (rewards.registry)
+
 
 @reward("dapo_overlong")
-def dapo_overlong(completion_ids: Sequence[int], *, max_length: int = 20480, cache_length: int = 4096) -> float:
+def dapo_overlong(completion_ids: Sequence[int], *, max_length: Tokens = 20480, cache_length: Tokens = 4096) -> float:
     """DAPO overlong reward shaping (arXiv 2503.14476 eq. 13), added to the correctness reward.
 
     0 if |y| <= L_max - L_cache; ((L_max - L_cache) - |y|) / L_cache inside the soft buffer; -1 beyond L_max.
@@ -36,9 +41,9 @@ def length_budget(
     completion_ids: Sequence[int],
     step: int,
     *,
-    start_budget: int = 1024,
-    end_budget: int = 256,
-    ramp_steps: int = 1000,
+    start_budget: Tokens = 1024,
+    end_budget: Tokens = 256,
+    ramp_steps: Annotated[int, Ge(0)] = 1000,
     penalty: float = 1.0,
 ) -> float:
     """A curriculum of length budgets (this project's definition): the budget B(step) moves linearly from

@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import logging
 import re
+import typing
+from typing import Literal
 
 from rewards.registry import reward
+
+Extract = Literal["auto", "tag", "boxed", "full"]
+EXTRACT_MODES: tuple[str, ...] = typing.get_args(Extract)
 
 _TAG = re.compile(r"<answer>(.*?)</answer>", re.S)
 _BOXED = re.compile(r"\\boxed\{((?:[^{}]|\{[^{}]*\})*)\}")
 THINK_ANSWER = r"\s*<think>.+?</think>\s*<answer>.+?</answer>\s*"
 
 
-def extract_answer(completion: str, how: str = "auto") -> str:
+def extract_answer(completion: str, how: Extract = "auto") -> str:
     """The answer part of a completion: ``"tag"`` (<answer>...</answer>), ``"boxed"`` (\\boxed{...}), ``"full"``
     (the whole text), or ``"auto"`` (the last tag, else the last box, else the whole text)."""
-    if how not in ("auto", "tag", "boxed", "full"):
+    if how not in EXTRACT_MODES:  # a recipe's options are checked by validate; a direct call is checked here
         raise ValueError(f"extract must be auto, tag, boxed or full, got {how!r}")
     if how in ("auto", "tag"):
         tags = _TAG.findall(completion)
@@ -33,14 +38,14 @@ def _normalise(text: str) -> str:
 
 
 @reward("exact_match")
-def exact_match(completion: str, answer: str, *, extract: str = "auto", normalize: bool = True) -> float:
+def exact_match(completion: str, answer: str, *, extract: Extract = "auto", normalize: bool = True) -> float:
     """1.0 if the extracted answer equals the ``answer`` column (case and whitespace folded by default), else 0.0."""
     got = extract_answer(completion, extract)
     return float(_normalise(got) == _normalise(str(answer)) if normalize else got == str(answer))
 
 
 @reward("math_equivalence")
-def math_equivalence(completion: str, answer: str, *, extract: str = "auto") -> float:
+def math_equivalence(completion: str, answer: str, *, extract: Extract = "auto") -> float:
     """1.0 if the completion's answer is mathematically equivalent to ``answer`` (math-verify), else 0.0.
 
     math-verify's own signal-based timeouts are off (they only work on the main thread); the reward runner's

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Annotated
+
+from annotated_types import Ge
 
 from rewards.registry import reward
 
@@ -28,7 +31,8 @@ def ends_in_loop(ids: Sequence[int], min_repeats: int, max_period: int) -> bool:
 
 @reward("repetition_penalty")
 def repetition_penalty(
-    completion_ids: Sequence[int], *, ngram: int = 3, loop_min_repeats: int = 4, loop_max_period: int = 20
+    completion_ids: Sequence[int], *, ngram: Annotated[int, Ge(1)] = 3, loop_min_repeats: Annotated[int, Ge(2)] = 4,
+    loop_max_period: Annotated[int, Ge(1)] = 20,
 ) -> float:
     """-1 if the completion ends in a degenerate loop, else minus the fraction of repeated ``ngram``-grams."""
     if ngram < 1 or loop_min_repeats < 2 or loop_max_period < 1:

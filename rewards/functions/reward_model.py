@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import Any
+from typing import Annotated, Any
 
 import torch
+from annotated_types import Ge
 
 from rewards.registry import reward
 
@@ -24,8 +25,8 @@ def _load(path: str, device: str) -> tuple[Any, Any]:
 
 @reward("reward_model", batched=True)
 def reward_model(
-    prompts: Sequence[str], completions: Sequence[str], *, path: str = "", batch_size: int = 16, max_length: int = 1024,
-    device: str = "cpu",
+    prompts: Sequence[str], completions: Sequence[str], *, path: str = "", batch_size: Annotated[int, Ge(1)] = 16,
+    max_length: Annotated[int, Ge(1)] = 1024, device: str = "cpu",
 ) -> list[float]:
     """Scores prompt + completion with the model at ``path`` (a local directory; nothing is downloaded offline).
 

@@ -72,6 +72,15 @@ def test_validate_checks_the_package_without_converting(tmp_path: Path, monkeypa
     assert not (tmp_path / "models").exists()
 
 
+def save_a_small_llama(path: Path) -> None:
+    from align.models.tiny import TinyModelConfig, build_char_tokenizer, build_tiny_causal_lm
+
+    tokenizer = build_char_tokenizer()
+    build_tiny_causal_lm(len(tokenizer), TinyModelConfig(hidden_size=16, num_layers=1, num_heads=2,
+                                                         intermediate_size=32)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
 def test_validate_accepts_a_converted_model_without_its_package(tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """Training reuses a converted model without reading the package again, so validate must not refuse it."""
@@ -80,8 +89,8 @@ def test_validate_accepts_a_converted_model_without_its_package(tmp_path: Path,
 
     recipe = load_recipe(ROOT / "recipes" / "lora_smollm2.yaml", [f"model.cache_dir={tmp_path}"])
     converted = named_model_dir("smollm2-135m-instruct", tmp_path)
-    converted.mkdir(parents=True)
-    (converted / "config.json").write_text("{}")
+    save_a_small_llama(converted)  # validate reads the converted model's config and tokenizer: a stub is not enough
+    import datasets  # noqa: F401  # validate loads the data: imported before distribution() is patched below
     monkeypatch.setattr(importlib.metadata, "distribution", lambda name: (_ for _ in ()).throw(
         importlib.metadata.PackageNotFoundError(name)))
     load_plugins_and_check(recipe)
@@ -99,3 +108,14 @@ def test_adapter_sync_without_lora_is_refused_not_ignored() -> None:
         load_plugins_and_check(recipe)
     load_plugins_and_check(load_recipe(ROOT / "recipes" / "lora_smollm2.yaml",
                                        ["rollout.engine=vllm", "rollout.engine_options.adapter_sync=merge"]))
+
+
+def test_adapter_sync_takes_only_the_known_ways() -> None:
+    pytest.importorskip("vllm")
+    from align.api import load_plugins_and_check
+    from align.config import RecipeError, load_recipe
+
+    recipe = load_recipe(ROOT / "recipes" / "lora_smollm2.yaml", ["rollout.engine=vllm",
+                                                                  "rollout.engine_options.adapter_sync=nativ"])
+    with pytest.raises(RecipeError, match=r"^recipe key 'rollout.engine_options.adapter_sync': 'nativ' .* valid: auto"):
+        load_plugins_and_check(recipe)

@@ -99,3 +99,69 @@ def test_reward_model_scores_with_a_local_classifier(tmp_path) -> None:
     assert again[0] == pytest.approx(scores[1], abs=1e-5)
     with pytest.raises(ValueError, match="needs options"):
         reward_model(["a"], ["b"])
+
+
+ADD_TESTS = ["assert add(1, 2) == 3", "assert add(-1, 1) == 0", "assert 7 == add(3, 4)"]
+
+
+@pytest.mark.parametrize("hack", [
+    # rebinding exec: the old harness ran each test with exec, so every assert became a no-op
+    "import builtins\nbuiltins.exec = lambda *a, **k: None\ndef add(a, b): return 99",
+    # reaching into the harness's frame to rebind what it reports
+    "import sys\ng = sys._getframe(1).f_globals\ng['report'] = lambda index, text: g['write']("
+    "'\\n' + g['json'].dumps([g['nonce'], index, 'True']) + '\\n')\ndef add(a, b): return 99",
+    # a value equal to everything: the comparison is made outside, on a literal
+    "class Anything:\n    def __eq__(self, other): return True\n    def __repr__(self): return 'Anything()'\n"
+    "def add(a, b): return Anything()",
+    # forging every report with the harness's nonce: it must guess the expected values, which it never sees
+    "import sys, json, atexit\nnonce = sys._getframe(1).f_globals['nonce']\n"
+    "atexit.register(lambda: [print(json.dumps([nonce, i, 'True'])) for i in range(3)])\ndef add(a, b): return 99",
+    # exiting before the harness reports
+    "import os\nos._exit(0)",
+])
+def test_code_that_tampers_with_the_harness_never_scores_a_pass(hack: str) -> None:
+    try:
+        score = code_tests(hack, ADD_TESTS)
+    except SandboxError:
+        return  # a run without a consistent report is an error: the failure policy applies, never a pass
+    assert score == 0.0
+
+
+def test_code_tests_judges_values_outside_and_refuses_tests_it_cannot() -> None:
+    from align.errors import InputError
+    from rewards.functions.code import IOCase, ValueCase, parse_test
+
+    assert parse_test("assert add(1, 2) == 3") == ValueCase("add(1, 2)", 3)
+    assert parse_test("assert [1, 2] == f(x)") == ValueCase("f(x)", [1, 2])
+    assert parse_test("assert not is_even(3)") == ValueCase("is_even(3)", False, truth=True)
+    assert parse_test({"stdin": "1 2", "stdout": "3"}) == IOCase("1 2", "3")
+    for bad in ("assert f(1) == g(2)", "for i in range(3): assert f(i)", "x = 1", "assert (", {"stdin": "1"}):
+        with pytest.raises(InputError, match="code_tests"):
+            parse_test(bad)  # type: ignore[arg-type]
+    assert code_tests("def is_even(x): return x % 2 == 0",
+                      ["assert is_even(4)", "assert not is_even(3)", "assert is_even(3)"]) == pytest.approx(2 / 3)
+    program = "print(sum(map(int, input().split())))"
+    assert code_tests(program, [{"stdin": "1 2\n", "stdout": "3\n"}, {"stdin": "5 5", "stdout": "11"}]) == 0.5
+    assert code_tests("def add(a, b): return [a, b]", ["assert add(1, 2) == [1, 2]"]) == 1.0
+
+
+@pytest.mark.parametrize(("name", "options", "words"), [
+    ("exact_match", {"extract": "nosuch_mode"}, "option 'extract' takes one of 'auto', 'tag', 'boxed', 'full'"),
+    ("math_equivalence", {"extract": "boxd"}, "(did you mean 'boxed'?)"),
+    ("exact_match", {"normalize": "yes"}, "option 'normalize' takes true or false"),
+    ("repetition_penalty", {"ngram": 0}, "option 'ngram' takes an integer >= 1; got 0"),
+    ("repetition_penalty", {"loop_min_repeats": 1}, "option 'loop_min_repeats' takes an integer >= 2"),
+    ("dapo_overlong", {"cache_length": 0}, "option 'cache_length' takes an integer > 0"),
+    ("length_budget", {"ramp_steps": -1}, "option 'ramp_steps' takes an integer >= 0"),
+    ("length_budget", {"penalty": "high"}, "option 'penalty' takes a number"),
+    ("reward_model", {"batch_size": 0}, "option 'batch_size' takes an integer >= 1"),
+])
+def test_builtin_options_declare_the_values_they_take(name: str, options: dict, words: str) -> None:
+    """Declared in the signature, refused before any sample is scored (by the composer, and by align validate)."""
+    from align.errors import InputError
+    from rewards import RewardComposer, RewardTerm
+
+    with pytest.raises(InputError) as caught:
+        RewardComposer([RewardTerm(name, options=options)])
+    assert words in str(caught.value)
+    RewardComposer([RewardTerm(name, options={"extract": "tag"} if "extract" in options else {})])  # a good value

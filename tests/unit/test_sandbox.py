@@ -87,3 +87,40 @@ def test_code_reward_over_hostile_completions_is_an_error_and_training_goes_on()
     assert set(by_name.values()) == {-1.0}, by_name  # every other snippet is an error, given the fallback
     assert scores.metrics["reward/code_tests/errors"] == len(by_name)
     assert not MARKER.exists()
+
+
+def test_without_namespaces_untrusted_code_is_refused_unless_the_caller_opts_in(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from rewards import sandbox
+
+    monkeypatch.setattr(sandbox, "confinement", lambda: sandbox.Confinement(False, "unshare: Operation not permitted"))
+    with pytest.raises(sandbox.SandboxUnavailable) as refused:
+        run_python("print(1)", limits=LIMITS)
+    message = str(refused.value)
+    assert "\n" not in message and "Operation not permitted" in message and "allow_unconfined: true" in message
+    result = run_python("print(1)", limits=LIMITS, allow_unconfined=True)
+    assert result.ok and result.stdout.strip() == "1"
+    assert "pdeathsig" in result.isolation and "netns" not in result.isolation
+
+
+def test_code_reward_without_namespaces_is_an_error_that_names_the_opt_in(monkeypatch: pytest.MonkeyPatch) -> None:
+    from rewards import sandbox
+
+    monkeypatch.setattr(sandbox, "confinement", lambda: sandbox.Confinement(False, "no user namespaces"))
+    batch = RewardBatch(prompts=["p"], completions=["def f(): return 1"], completion_ids=[[0]],
+                        columns={"tests": [["assert f() == 1"]]})
+    scores = RewardComposer([RewardTerm("code_tests", on_failure="drop")]).score(batch)
+    assert scores.metrics["reward/code_tests/errors"] == 1
+    allowed = RewardComposer([RewardTerm("code_tests", options={"allow_unconfined": True})]).score(batch)
+    assert allowed.total.tolist() == [1.0]
+
+
+def test_validate_refuses_the_code_reward_where_nothing_can_confine_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from align.config import RecipeError, RewardEntry
+    from rewards import sandbox
+    from rewards.provider import _check_options
+
+    monkeypatch.setattr(sandbox, "confinement", lambda: sandbox.Confinement(False, "no user namespaces"))
+    with pytest.raises(RecipeError, match=r"rewards\.0.*no user namespaces.*allow_unconfined: true"):
+        _check_options(0, RewardEntry(name="code_tests"))
+    _check_options(0, RewardEntry(name="code_tests", options={"allow_unconfined": True}))
