@@ -203,6 +203,11 @@ def gae_returns(
     return masked_fill_zero(raw + values, mask)
 
 
+CRITIC_RETURNS: dict[str, Callable[..., Tensor]] = {"gae": gae_returns}
+"""Estimators that read critic ``values``, each with the critic's regression targets under it (a function of the
+estimator's signature minus its whitening options). An algorithm trains a critic exactly when its estimator is here."""
+
+
 def _gae(
     rewards: Tensor, mask: Tensor, group_ids: Tensor, *, values: Tensor | None, gamma: float, lam: float
 ) -> Tensor:

@@ -13,8 +13,11 @@ about such combinations; other frameworks silently override them.) Presets follo
     gtpo         dr_grpo     token, no clip     none            seq_mean_token_mean         none
     rloo         rloo        token (ppo_clip)   (0.2, 0.2)      seq_mean_token_sum          k1 in reward, 0.03
     reinforce_pp reinforce_pp token (ppo_clip)  (0.2, 0.2)      token_mean                  k1 in reward, 0.01
+    ppo          gae+critic  token (ppo_clip)   (0.2, 0.2)      token_mean (+ value loss)   k1 in reward, 0.01
+    rto          gae+critic  token (ppo_clip)   (0.2, 0.2)      token_mean (+ value loss)   k1 in reward, 0.01
+                 (rto: PPO on implicit_dpo token rewards, arXiv 2404.18922; the recipe names the DPO model)
 
-and the preference presets dpo, ipo, simpo, tdpo (TDPO2), cdpo, tgdpo.
+and the preference presets dpo, ipo, simpo, tdpo (TDPO2), cdpo, tgdpo, treg, aligndistil.
 """
 
 from __future__ import annotations
@@ -25,9 +28,9 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, Literal
 
-from align.advantages import ADVANTAGES
+from align.advantages import ADVANTAGES, CRITIC_RETURNS
 from align.errors import IncompatibleSpecError, UnknownNameError
-from align.losses import KL_ESTIMATORS, POLICY_LOSSES, PREFERENCE_LOSSES, REDUCERS
+from align.losses import KL_ESTIMATORS, POLICY_LOSSES, PREFERENCE_LOSSES, REDUCERS, VALUE_LOSSES
 from align.registry import Registry
 
 CREDIT_LEVELS: Registry[str] = Registry("credit module")
@@ -69,6 +72,11 @@ class AlgorithmSpec:
     kl_coef: float = 0.0
     kl_placement: KLPlacement = "loss"
     drop_uniform_groups: bool = False  # DAPO dynamic sampling
+    # critic (PPO, RTO): a value head on the policy's last hidden state, trained with it (total loss = policy loss +
+    # vf_coef * value loss), whose values V(s_t) an estimator of CRITIC_RETURNS (gae) reads
+    value_loss: str | None = None
+    value_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    vf_coef: float = 0.0
     # preference parts
     preference_loss: str | None = None
     preference_kwargs: Mapping[str, Any] = field(default_factory=dict)
@@ -76,13 +84,13 @@ class AlgorithmSpec:
     has_reference: bool = True  # a frozen reference model is available
 
     def __post_init__(self) -> None:
-        for name in ("advantage_kwargs", "loss_kwargs", "preference_kwargs"):
+        for name in ("advantage_kwargs", "loss_kwargs", "preference_kwargs", "value_kwargs"):
             object.__setattr__(self, name, _frozen(getattr(self, name)))
         check_spec(self)
 
     def with_options(self, **changes: Any) -> AlgorithmSpec:
         """A validated copy with some fields changed; ``*_kwargs`` given here are merged, not replaced."""
-        for name in ("advantage_kwargs", "loss_kwargs", "preference_kwargs"):
+        for name in ("advantage_kwargs", "loss_kwargs", "preference_kwargs", "value_kwargs"):
             if name in changes:
                 changes[name] = {**getattr(self, name), **changes[name]}
         return replace(self, **changes)
@@ -119,7 +127,7 @@ def check_spec(spec: AlgorithmSpec) -> None:
 
 
 def _check_preference(spec: AlgorithmSpec) -> None:
-    stray = [f for f in ("advantage", "policy_loss", "reducer", "kl") if getattr(spec, f) is not None]
+    stray = [f for f in ("advantage", "policy_loss", "reducer", "kl", "value_loss") if getattr(spec, f) is not None]
     if stray:
         raise _refuse(spec, f"a preference algorithm takes no {', '.join(stray)}",
                       "remove them, or use kind='policy' for on-policy RL")
@@ -129,12 +137,14 @@ def _check_preference(spec: AlgorithmSpec) -> None:
     fn = _lookup(PREFERENCE_LOSSES, spec.preference_loss)
     _check_kwargs(spec, f"preference loss {spec.preference_loss!r}", fn, spec.preference_kwargs, skip=1)
     if spec.credit is not None:
-        wanted = {"cdpo": "token_weights", "tgdpo": "token_rewards"}.get(spec.preference_loss)
+        wanted = {"cdpo": "token_weights", "tgdpo": "token_rewards", "treg": "token_rewards",
+                  "aligndistil": "token_rewards"}.get(spec.preference_loss)
         level = _lookup(CREDIT_LEVELS, spec.credit)
         if wanted is None or level != wanted:
             raise _refuse(spec, f"credit {spec.credit!r} ({level}) has no role in preference loss "
                           f"{spec.preference_loss!r}", "cdpo takes token weights (contrastive_critical), tgdpo token "
-                          "rewards (implicit_dpo); other preference losses take no credit")
+                          "rewards (implicit_dpo), treg contrastive_prompting, aligndistil contrastive_dpo; other "
+                          "preference losses take no credit")
     if PREFERENCE_LOSSES.info(spec.preference_loss).get("reference") and not spec.has_reference:
         raise _refuse(spec, f"{spec.preference_loss} compares against a reference model but has_reference=False",
                       "use preference_loss='simpo' (reference-free) or provide a reference model")
@@ -154,6 +164,7 @@ def _check_policy(spec: AlgorithmSpec) -> None:
     _lookup(REDUCERS, spec.reducer)
     _check_kl(spec)
     _check_granularity(spec)
+    _check_critic(spec)
     budget = spec.generation_budget
     if budget is not None and (spec.reducer != "seq_mean_token_sum_norm" or budget <= 0):
         raise _refuse(spec, f"generation_budget={budget} is only used by reducer 'seq_mean_token_sum_norm' "
@@ -177,6 +188,27 @@ def _check_kl(spec: AlgorithmSpec) -> None:
                       "for nothing", "set kl_coef > 0 (GRPO uses 0.04) or kl=None")
 
 
+def _check_critic(spec: AlgorithmSpec) -> None:
+    reads_values = spec.advantage in CRITIC_RETURNS
+    if spec.value_loss is None:
+        if reads_values:
+            raise _refuse(spec, f"advantage {spec.advantage!r} reads critic values V(s_t) but the algorithm trains no "
+                          "critic", "set value_loss='clipped_mse' and vf_coef > 0 (as the ppo preset), or use a "
+                          "critic-free estimator (reinforce_pp, dense_group)")
+        if spec.vf_coef != 0.0 or spec.value_kwargs:
+            raise _refuse(spec, f"vf_coef={spec.vf_coef} and value_kwargs={dict(spec.value_kwargs)} need a value "
+                          "loss", f"set value_loss to one of {', '.join(VALUE_LOSSES.names())}, or remove them")
+        return
+    if not reads_values:
+        raise _refuse(spec, f"value loss {spec.value_loss!r} trains a critic that advantage {spec.advantage!r} never "
+                      "reads", f"use advantage={' or '.join(map(repr, CRITIC_RETURNS))}, or value_loss=None")
+    _check_kwargs(spec, f"value loss {spec.value_loss!r}", _lookup(VALUE_LOSSES, spec.value_loss), spec.value_kwargs,
+                  skip=4)
+    if not spec.vf_coef > 0.0:
+        raise _refuse(spec, f"vf_coef={spec.vf_coef} leaves the critic untrained", "set vf_coef > 0 (the ppo preset "
+                      "uses 0.1, as TRL) or value_loss=None")
+
+
 def _check_granularity(spec: AlgorithmSpec) -> None:
     assert spec.advantage is not None and spec.policy_loss is not None
     # entries registered without metadata are assumed to vary per token (the cautious reading)
@@ -192,6 +224,13 @@ def _check_granularity(spec: AlgorithmSpec) -> None:
         raise _refuse(spec, f"credit {spec.credit!r} gives per-token rewards but advantage {spec.advantage!r} sums "
                       "them back into one scalar per sequence", "use advantage='dense_group' (group baseline that "
                       "keeps token rewards), 'reinforce_pp' or 'gae'")
+    if (spec.credit is not None and CREDIT_LEVELS.info(spec.credit).get("owns_scale")
+            and spec.advantage == "dense_group" and spec.advantage_kwargs.get("scale_by_std", True)):
+        # e.g. prm_steps(normalize=True) is GRPO-PRM's normaliser (arXiv 2402.03300 §4.1.3): dividing its reward-to-go
+        # by the std of the group's returns again shrinks A (step scores [[1, 1], [0]]: 1.1547 -> 0.7071)
+        raise _refuse(spec, f"credit {spec.credit!r} sets the scale of its token rewards itself (its group "
+                      "normalisation) but advantage 'dense_group' would divide them by the group std a second time",
+                      "set advantage_kwargs={'scale_by_std': False}")
     token_credit = credit_level in ("token_rewards", "token_weights")
     token_level = advantage_level == "token" or token_credit
     if ratio == "sequence":
@@ -224,6 +263,8 @@ DAPO = PRESETS.register("dapo", replace(GRPO, name="dapo", reducer="token_mean",
 GSPO = PRESETS.register("gspo", replace(GRPO, name="gspo", policy_loss="gspo", kl=None, kl_coef=0.0,
                                         loss_kwargs={"eps_low": 3e-4, "eps_high": 4e-4}))
 GSPO_TOKEN = PRESETS.register("gspo_token", replace(GSPO, name="gspo_token", policy_loss="gspo_token"))
+# GTPO (arXiv 2508.03772): completions averaged (gtpo's sum_over_group=False: lr independent of G; the official code
+# sums them, G times larger), entropy of the raw logits as the official code (the trainer's default)
 GTPO = PRESETS.register("gtpo", replace(GRPO, name="gtpo", advantage="dr_grpo", policy_loss="gtpo", loss_kwargs={},
                                         kl=None, kl_coef=0.0))
 RLOO = PRESETS.register("rloo", replace(GRPO, name="rloo", advantage="rloo", reducer="seq_mean_token_sum",
@@ -231,6 +272,24 @@ RLOO = PRESETS.register("rloo", replace(GRPO, name="rloo", advantage="rloo", red
 REINFORCE_PP = PRESETS.register("reinforce_pp", replace(GRPO, name="reinforce_pp", advantage="reinforce_pp",
                                                         reducer="token_mean", kl="k1", kl_coef=0.01,
                                                         kl_placement="reward"))
+# PPO with a learned critic (Schulman et al. 2017, arXiv 1707.06347; GAE arXiv 1506.02438 eq. 16), as RLHF runs it
+# (Ouyang et al. 2022; OpenRLHF, TRL, verl): token ratio clipped at 0.2; advantages by GAE with gamma = 1,
+# lambda = 0.95 (OpenRLHF `--gamma 1 --lambd 0.95`, TRL PPOConfig `gamma=1.0, lam=0.95`), whitened over the batch;
+# k1 KL in the reward at 0.01 (OpenRLHF `--init_kl_coef 0.01`); the critic's loss is baselines' clipped squared
+# error at 0.2 (OpenRLHF `--value_clip 0.2`, TRL `cliprange_value=0.2`) with vf_coef 0.1 (TRL PPOConfig, whose loss
+# also sums policy and value terms; OpenAI baselines' ppo2 uses 0.5 on Atari trunks; on the tiny arithmetic task
+# 0.1 and 0.5 ended 60 steps within 1.4 points of held-out accuracy, seed 0). With Adam the coefficient only sets
+# the value gradient's weight in the shared trunk; the head's speed is learner.value_lr's.
+PPO = PRESETS.register("ppo", AlgorithmSpec(
+    name="ppo", advantage="gae", advantage_kwargs={"gamma": 1.0, "lam": 0.95}, policy_loss="ppo_clip",
+    loss_kwargs={"eps_low": 0.2}, reducer="token_mean", kl="k1", kl_coef=0.01, kl_placement="reward",
+    value_loss="clipped_mse", value_kwargs={"clip": 0.2}, vf_coef=0.1,
+))
+# RTO (Zhong et al., arXiv 2404.18922; spec §7): PPO on the token reward clip_c(beta1 (lp_dpo - lp_sft))
+# - beta2 (lp_old - lp_sft) + 1[t = last] r_RM. The first and last terms are credit module implicit_dpo (beta1 =
+# 0.05, c = 0.05 by default: the reward side fills them in and requires the recipe to name the DPO model), the middle
+# one this spec's k1 KL in the reward with beta2 = 0.01 (the authors' `init_kl_coef`); gamma 1, lambda 0.95.
+RTO = PRESETS.register("rto", replace(PPO, name="rto"))
 
 DPO = PRESETS.register("dpo", AlgorithmSpec(name="dpo", kind="preference", preference_loss="dpo"))
 IPO = PRESETS.register("ipo", replace(DPO, name="ipo", preference_loss="ipo"))
@@ -238,6 +297,10 @@ SIMPO = PRESETS.register("simpo", replace(DPO, name="simpo", preference_loss="si
 TDPO = PRESETS.register("tdpo", replace(DPO, name="tdpo", preference_loss="tdpo2"))
 CDPO = PRESETS.register("cdpo", replace(DPO, name="cdpo", preference_loss="cdpo"))
 TGDPO = PRESETS.register("tgdpo", replace(DPO, name="tgdpo", preference_loss="tgdpo"))
+TREG = PRESETS.register("treg", replace(DPO, name="treg", preference_loss="treg"))
+# the teacher replaces the reference (a DPO and a reverse-DPO model, loaded by the rewards side): no reference pass
+ALIGNDISTIL = PRESETS.register("aligndistil", replace(DPO, name="aligndistil", preference_loss="aligndistil",
+                                                      has_reference=False))
 
 
 def resolve(spec: str | AlgorithmSpec) -> AlgorithmSpec:

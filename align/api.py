@@ -41,6 +41,7 @@ from align.errors import AlignError
 from align.models.named import is_named_model, named_model_dir
 from align.runs import TrainResult, run
 from align.trainers.engines import ROLLOUT_ENGINES, engine_options
+from align.trainers.policy_scorer import POLICY
 
 __all__ = ["TrainResult", "find_resumable_run", "load_data", "load_model", "load_plugins_and_check",
            "new_run_dir", "prepare_base_model", "resolve_recipe", "train"]
@@ -158,7 +159,7 @@ def _check_parts_bind(recipe: Recipe, spec: AlgorithmSpec, provider: RewardsProv
     """The reward side builds as the runtime will build it; auxiliary models are checked, not loaded."""
 
     def check_scorer(path: str) -> None:
-        if path != "base":
+        if path not in ("base", POLICY):  # the base model and the learner's own weights exist by construction
             load_model_config(path, key="credit.options")
 
     try:

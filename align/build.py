@@ -41,6 +41,7 @@ from align.models.named import (
     prepare_named_model,
 )
 from align.trainers.checkpoint import latest_checkpoint
+from align.trainers.critic import ActorCritic
 from align.trainers.evaluate import Verifier, greedy_accuracy
 from align.trainers.learner import PolicyLearner, PreferenceLearner
 from align.trainers.optim import build_optimizer, build_scheduler
@@ -449,10 +450,15 @@ def make_learner(recipe: Recipe, spec: AlgorithmSpec, model: Any,
                  strategy: Callable[[Any, torch.optim.Optimizer, Any], Strategy]) -> PolicyLearner | PreferenceLearner:
     """The recipe's learner over ``model``: the core's optimiser and schedule, applied by ``strategy(model,
     optimizer, scheduler)`` (plain torch in-process, DeepSpeed on a Ray rank); the reference policy when the
-    algorithm reads one."""
+    algorithm reads one. An algorithm with a critic trains ``model`` wrapped with a value head
+    (:class:`~align.trainers.critic.ActorCritic`, its head at ``learner.value_lr``); ``model`` itself stays the
+    policy that the engine samples and the run saves."""
     learner = recipe.learner
     reference = Reference(model, lora=recipe.lora.enabled) if spec.has_reference else None
-    optimizer = build_optimizer(model, lr=learner.lr, weight_decay=learner.weight_decay, betas=learner.betas)
+    if spec.value_loss is not None:  # after the reference: a frozen copy of the policy needs no value head
+        model = ActorCritic(model)
+    optimizer = build_optimizer(model, lr=learner.lr, weight_decay=learner.weight_decay, betas=learner.betas,
+                                value_lr=learner.value_lr)
     scheduler = build_scheduler(optimizer, kind=learner.scheduler, warmup_steps=learner.warmup_steps,
                                 total_steps=learner.steps)
     applied = strategy(model, optimizer, scheduler)

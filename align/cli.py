@@ -1,4 +1,4 @@
-"""The ``align`` command line: train, validate, eval, list, sft.
+"""The ``align`` command line: train, validate, eval, list, sft, sweep, report.
 
 Recipe and input errors print one line and exit with code 2; nothing prints a traceback for a user mistake.
 """
@@ -116,18 +116,22 @@ def _print_registries(reward_registries: dict[str, list[str]]) -> None:
     from align.advantages import ADVANTAGES
     from align.algorithms import PRESETS
     from align.data.tasks import TASKS
-    from align.losses import KL_ESTIMATORS, POLICY_LOSSES, PREFERENCE_LOSSES, REDUCERS
+    from align.losses import KL_ESTIMATORS, POLICY_LOSSES, PREFERENCE_LOSSES, REDUCERS, VALUE_LOSSES
 
     table = Table(title="align registries")
     table.add_column("registry")
     table.add_column("names")
     for label, registry in (("algorithm presets", PRESETS), ("policy losses", POLICY_LOSSES),
                             ("reducers", REDUCERS), ("KL estimators", KL_ESTIMATORS),
-                            ("advantage estimators", ADVANTAGES), ("preference losses", PREFERENCE_LOSSES),
+                            ("advantage estimators", ADVANTAGES), ("value losses", VALUE_LOSSES),
+                            ("preference losses", PREFERENCE_LOSSES),
                             ("tasks", TASKS)):
         table.add_row(label, ", ".join(registry.names()))
     for label, names in reward_registries.items():
         table.add_row(label, ", ".join(names))
+    # sampling schemes are recipe keys, not registered parts; listed so that every method has its line here
+    table.add_row("sampling (rollout.*)", "temperature (per token), top_p, long_horizon_temperature (sequence level: "
+                  "p(y|x)^(1/T), long-horizon temperature scaling)")
     Console().print(table)
 
     from align.models.named import NAMED_MODELS
@@ -184,20 +188,81 @@ def sft(
 
 @app.command()
 def report(
-    runs: Annotated[list[Path], typer.Argument(help="one or more run directories")],
+    runs: Annotated[list[Path], typer.Argument(help="run directories and/or sweep directories (align sweep --out)")],
     output: Annotated[Path, typer.Option("-o", "--output", help="HTML file to write; an existing directory gets "
                                          "report.html inside it")] = Path("report.html"),
+    metrics: Annotated[list[str] | None, typer.Option("--metric", help="another metric to compare at the final step "
+                                                      "(repeatable), e.g. response_length/mean, entropy")] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="also write the per-method numbers to this JSON "
+                                                   "file")] = None,
 ) -> None:
-    """A self-contained HTML report: learning curves side by side, and per-token credit heatmaps. A torn last line
-    of metrics.jsonl or samples.jsonl (a killed run) is left out with a warning."""
-    from align.report import write_report
+    """A self-contained HTML report: each method's final held-out accuracy (and each --metric) as a mean with a 95%
+    interval over its seeds (Student t), learning curves side by side (per method: mean and 95% band, where a
+    method pools several seeds), and per-token credit heatmaps. A method is a recipe with its overrides: a sweep's
+    runs carry theirs; other runs pool when their recipes differ only in seed, logging and checkpoint settings. A
+    torn last line of metrics.jsonl or samples.jsonl (a killed run) is left out with a warning."""
+    from align.report import make_report, write_numbers, write_page
 
     try:
-        path = write_report(runs, output)
+        built = make_report(runs, metrics or ())
+        path = write_page(built.page, output)
+        numbers = None if json_path is None else write_numbers(built, json_path)
     except AlignError as err:
         _fail(err)
-    else:
-        typer.echo(f"report: {path}")
+    for line in built.table():
+        typer.echo(line)
+    typer.echo(f"report: {path}")
+    if numbers is not None:
+        typer.echo(f"numbers: {numbers}")
+
+
+@app.command()
+def sweep(
+    recipes: Annotated[list[Path], typer.Argument(help="recipe YAML files")],
+    seeds: Annotated[str | None, typer.Option("--seeds", help="seeds for every combination: 0-4, 0,2,7 or 0-2,9 "
+                                              "(default: each recipe's own seed)")] = None,
+    sets: Annotated[list[str] | None, typer.Option("--set", help="key.path=v1,v2,...: a sweep axis (repeatable; "
+                                                   "every combination of the axes runs). One value: applied to "
+                                                   "every run")] = None,
+    address: Annotated[str | None, typer.Option("--address", help="a Ray cluster: ray://<head>:10001, or auto "
+                                                "(started with `ray start` here); default: $RAY_ADDRESS, else an "
+                                                "embedded local Ray")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="the sweep directory (default: <logging.dir>/sweep-"
+                                             "<recipe names>)")] = None,
+    parallel: Annotated[int | None, typer.Option("--parallel", min=1, help="at most this many runs at once "
+                                                 "(default: as many as the CPUs fit)")] = None,
+) -> None:
+    """Train recipes x --set combinations x seeds, each run a Ray task with the local runtime in a process of its
+    own, each an ordinary run directory <out>/<recipe name>[-<key=value>...]-seed<k>-<time>/. Every combination is
+    validated first (as align validate does); one that is not valid stops the sweep before anything runs.
+    <out>/sweep.json lists every run, its status and its directory. A run that fails leaves the others running;
+    the same command again skips finished runs and resumes interrupted ones from their last checkpoint. Then:
+    align report <out>."""
+    _quiet_libraries()
+    from align import sweep as sweeping
+
+    try:
+        seed_list = None if seeds is None else sweeping.parse_seeds(seeds)
+        plan = sweeping.plan_sweep(recipes, seed_list, sets or [])
+        root = (out or sweeping.default_out(recipes, sets or [])).resolve()
+        resolved = sweeping.check_sweep(plan, root, log=typer.echo)
+        typer.echo(f"sweep: {len(plan)} runs in {root}")
+        records = sweeping.run_sweep(resolved, root, address=address or os.environ.get("RAY_ADDRESS"),
+                                     parallel=parallel, log=typer.echo)
+    except AlignError as err:
+        _fail(err)
+    except KeyboardInterrupt:
+        typer.secho(f"interrupted: finished runs are kept and listed in {root / 'sweep.json'}; the same command "
+                    "continues the sweep", fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=130) from None
+    for line in sweeping.summary_lines(records):
+        typer.echo(line)
+    typer.echo(f"manifest: {root / 'sweep.json'}; compare the methods with: align report {root}")
+    failures = sweeping.failure_lines(records)
+    for line in failures:
+        typer.secho(line, fg=typer.colors.RED, err=True)
+    if failures or sweeping.unfinished(records):
+        raise typer.Exit(code=1)
 
 
 def main(argv: list[str] | None = None) -> Any:

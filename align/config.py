@@ -171,6 +171,31 @@ class RolloutSection(_Section):
     max_new_tokens: int = Field(8, ge=1)
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
+    # Long Horizon Temperature Scaling (arXiv 2302.03686, by resampling: align/trainers/resampling.py): sample from
+    # the sequence-level p(y|x)^(1/T) / Z instead of per-token temperature. Draw long_horizon_candidates (k, default
+    # 4) candidates per requested sample at temperature 1, weight each by p^(1/T - 1), resample samples_per_prompt.
+    long_horizon_temperature: float | None = Field(None, gt=0)
+    long_horizon_candidates: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _long_horizon_alone(self) -> RolloutSection:
+        if self.long_horizon_temperature is None:
+            if self.long_horizon_candidates is not None:
+                raise ValueError("rollout.long_horizon_candidates: applies only with rollout.long_horizon_temperature "
+                                 "(the sequence-level temperature T); set that too, or remove this key")
+            return self
+        for key, value in (("temperature", self.temperature), ("top_p", self.top_p)):
+            if value != 1.0:
+                raise ValueError(f"rollout.long_horizon_temperature: candidates are drawn from the policy itself and "
+                                 f"reweighted by p^(1/T - 1), which rollout.{key} = {value:g} would distort; set "
+                                 f"rollout.{key}: 1 (or remove it), or drop long_horizon_temperature")
+        return self
+
+    def candidates(self) -> int:
+        """k, the candidates drawn per requested sample under long-horizon temperature (1 without it)."""
+        if self.long_horizon_temperature is None:
+            return 1
+        return 4 if self.long_horizon_candidates is None else self.long_horizon_candidates
 
 
 class AlgorithmSection(_Section):
@@ -232,6 +257,9 @@ class LearnerSection(_Section):
     # (both runtimes; the SFT warm start and credit modules' auxiliary models run in fp32)
     mixed_precision: Literal["no", "bf16"] = "no"
     beta: float | None = None  # preference losses: shorthand for algorithm.overrides.preference_kwargs.beta
+    # algorithms with a critic (ppo, rto): the value head's learning rate; null = lr. A head that starts at zero
+    # learns little at an RLHF policy's lr (1e-6); OpenRLHF trains its critic 18x faster (9e-6 vs 5e-7)
+    value_lr: float | None = Field(None, gt=0)
 
     @field_validator("betas", mode="before")
     @classmethod
@@ -387,6 +415,9 @@ class Recipe(_Section):
                               "verl's rule); groups of 2 or more give it a baseline", stacklevel=2)
         if spec.kind == "policy" and not self.rewards:
             raise ValueError("a policy algorithm needs at least one entry under rewards (e.g. - name: exact_match)")
+        if self.learner.value_lr is not None and spec.value_loss is None:
+            raise ValueError(f"learner.value_lr: algorithm {spec.name!r} trains no critic (no value_loss); remove "
+                             "learner.value_lr, or use a preset with a critic (ppo, rto)")
         if self.credit is not None and spec.credit not in (None, self.credit.name):
             raise ValueError(f"credit.name {self.credit.name!r} differs from the algorithm's credit {spec.credit!r}")
         return self

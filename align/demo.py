@@ -3,7 +3,9 @@
 Run ``python -m align.demo`` (``make quickstart``). The policy is a table of logits (T positions x V tokens, token 0
 = EOS); a completion earns the fraction of positions that hold the target token (positions after EOS count as
 misses). Policy presets sample groups, score them, estimate advantages and step Adam on ``policy_objective``;
-preference presets learn from pairs (the target vs. a random completion) with ``preference_loss``. The table shows
+preference presets learn from pairs (the target vs. a random completion) with ``preference_loss``. Presets with a
+critic (ppo, rto) learn a value table V(t), one value per position, with the same step (a baseline that ignores the
+prefix: unbiased, if weaker than a language model's value head). The table shows
 the mean reward of sampled completions (policy presets) or the probability of the target (preference presets)
 before and after training, plus the §10 worked example: how much total gradient weight each sequence gets under
 each aggregation. This is a demonstration of the losses, not of language-model training (that is the trainer's job).
@@ -17,8 +19,10 @@ import torch
 from torch import Tensor
 
 from align import functional as F
+from align.advantages import CRITIC_RETURNS
 from align.algorithms import PRESETS, AlgorithmSpec
-from align.losses import kl_reward_penalty
+from align.losses import StepNormalizer, kl_reward_penalty
+from align.objective import value_step_loss
 from align.ops import entropy_from_logits, selective_log_softmax
 
 POSITIONS, VOCAB, EOS = 6, 8, 0
@@ -55,7 +59,9 @@ def train_policy_preset(spec: AlgorithmSpec, *, steps: int = 40, groups: int = 4
     gen = torch.Generator().manual_seed(seed)
     init = torch.randn(POSITIONS, VOCAB, generator=gen, dtype=torch.float64)
     logits = init.clone().requires_grad_(True)
-    optimiser = torch.optim.Adam([logits], lr=lr)
+    value_table = torch.zeros(POSITIONS, dtype=torch.float64, requires_grad=True)  # V(t), for presets with a critic
+    critic = spec.value_loss is not None
+    optimiser = torch.optim.Adam([logits, value_table] if critic else [logits], lr=lr)
     group_ids = torch.arange(groups).repeat_interleave(group_size)
 
     def evaluate() -> float:
@@ -72,12 +78,18 @@ def train_policy_preset(spec: AlgorithmSpec, *, steps: int = 40, groups: int = 4
             rewards = kl_reward_penalty(old_logp, ref_logp, mask, coef=spec.kl_coef, estimator=spec.kl)
             rewards = rewards + torch.where(mask.cumsum(-1) == mask.sum(-1, keepdim=True), _reward(ids, mask)[:, None],
                                             0.0) * mask
+        old_values = {"values": value_table.detach().expand(ids.shape[0], -1) * mask} if critic else {}
         advantages = F.advantages(spec.advantage or "grpo", rewards=rewards, mask=mask, group_ids=group_ids,
-                                  **spec.advantage_kwargs)
+                                  **old_values, **spec.advantage_kwargs)
         entropy = entropy_from_logits(logits.detach()).expand(ids.shape[0], -1)
         loss, _ = F.policy_objective(spec, logp=_token_logp(logits, ids), old_logp=old_logp, advantages=advantages,
                                      mask=mask, ref_logp=ref_logp, entropy=entropy, token_ids=ids,
                                      group_ids=group_ids)
+        if critic:
+            returns = CRITIC_RETURNS[spec.advantage or "gae"](rewards, mask, group_ids, **old_values,
+                                                              **spec.advantage_kwargs)
+            loss = loss + value_step_loss(spec, value_table.expand(ids.shape[0], -1), old_values["values"], returns,
+                                          mask, StepNormalizer.from_masks(mask))[0]
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
@@ -101,10 +113,16 @@ def train_preference_preset(spec: AlgorithmSpec, *, steps: int = 40, pairs: int 
     for _ in range(steps):
         rejected = torch.randint(1, VOCAB, (pairs, POSITIONS), generator=gen)
         kw: dict[str, Tensor] = {}
-        if spec.preference_loss in ("tdpo1", "tdpo2"):
-            expand = lambda table: table.unsqueeze(0).expand(pairs, -1, -1)  # noqa: E731
+        expand = lambda table: table.unsqueeze(0).expand(pairs, -1, -1)  # noqa: E731
+        if spec.preference_loss in ("tdpo1", "tdpo2", "aligndistil"):
             kw = {"chosen_logits": expand(logits), "rejected_logits": expand(logits),
                   "ref_chosen_logits": expand(init), "ref_rejected_logits": expand(init)}
+        if spec.preference_loss == "aligndistil":
+            # the two teachers AlignDistil contrasts: a DPO table one nat towards the target token at each
+            # position, and a reverse-DPO table one nat away from it (as DPO on swapped pairs would learn)
+            lean = torch.nn.functional.one_hot(TARGET, VOCAB).to(init.dtype)  # (T, V)
+            kw.update(chosen_dpo_logits=expand(init + lean), chosen_reverse_logits=expand(init - lean),
+                      rejected_dpo_logits=expand(init + lean), rejected_reverse_logits=expand(init - lean))
         loss, _ = F.preference_loss(
             spec.preference_loss or "dpo", chosen_logp=_token_logp(logits, chosen),
             rejected_logp=_token_logp(logits, rejected), ref_chosen_logp=_token_logp(init, chosen),

@@ -15,6 +15,7 @@ from align.components import Parts, RunPlan
 from align.config import Recipe, RecipeError
 from align.trainers.engines import get_engine_factory
 from align.trainers.learner import InProcessLearner
+from align.trainers.policy_scorer import POLICY, LearnerScorer
 from align.trainers.strategy import TorchStrategy
 
 _RAY_ONLY = "applies to backend: ray (the local runtime runs one learner, its engine and rewards in this process)"
@@ -56,6 +57,8 @@ class LocalRuntime:
         def load_scorer(path: str) -> Any:
             from transformers import AutoModelForCausalLM
 
+            if path == POLICY:  # the weights being trained, as the learner scores them
+                return LearnerScorer(learner)
             return rewards.scorer(AutoModelForCausalLM.from_pretrained(str(plan.base) if path == "base" else path)
                                   .eval())
 

@@ -1,6 +1,8 @@
-"""The policy objective of one micro-batch: policy loss + optional KL-in-loss, reduced with step-wide counts.
+"""The objective of one micro-batch: policy loss + optional KL-in-loss (+ vf_coef * value loss with a critic),
+reduced with step-wide counts.
 
-``policy_step_loss`` is what a trainer calls per micro-batch; because every reducer divides by counts of the whole
+``policy_step_loss`` (and ``value_step_loss`` when the algorithm trains a critic) is what a trainer calls per
+micro-batch; because every reducer divides by counts of the whole
 optimiser step (:class:`~align.losses.StepNormalizer`), the micro-batch losses add up to the step's loss and
 their gradients to the step's gradient, however the step is split over micro-batches or ranks.
 """
@@ -12,7 +14,7 @@ from torch import Tensor
 
 from align.algorithms import AlgorithmSpec
 from align.errors import InputError
-from align.losses import KL_ESTIMATORS, POLICY_LOSSES, REDUCERS, PolicyInputs, StepNormalizer
+from align.losses import KL_ESTIMATORS, POLICY_LOSSES, REDUCERS, VALUE_LOSSES, PolicyInputs, StepNormalizer
 from align.ops import as_float_mask, check_finite, check_same_shape, masked_fill_zero
 from align.types import Metrics
 
@@ -48,11 +50,12 @@ def zero_advantage_is_inert(spec: AlgorithmSpec) -> bool:
     """True when a row whose advantages are all exactly 0 adds exactly 0 to the loss and to its gradient.
 
     Holds for losses of the form f(ratio) * A (registered with ``inert_at_zero_advantage``: PPO-clip, REINFORCE,
-    CISPO, GSPO) when no KL term sits in the loss; not for GTPO (its entropy term acts at A = 0) nor with a
-    KL-in-loss term. A trainer may then skip such rows' forward and backward: the step's gradient is unchanged
-    because every reducer divides by counts of the whole step (:class:`~align.losses.StepNormalizer`).
+    CISPO, GSPO) when no KL term sits in the loss; not for GTPO (its entropy term acts at A = 0), with a
+    KL-in-loss term, nor with a critic (its value loss acts at A = 0). A trainer may then skip such rows' forward
+    and backward: the step's gradient is unchanged because every reducer divides by counts of the whole step
+    (:class:`~align.losses.StepNormalizer`).
     """
-    if spec.kind != "policy" or spec.policy_loss is None:
+    if spec.kind != "policy" or spec.policy_loss is None or spec.value_loss is not None:
         return False
     kl_in_loss = spec.kl is not None and spec.kl_placement == "loss"
     return not kl_in_loss and bool(POLICY_LOSSES.info(spec.policy_loss).get("inert_at_zero_advantage"))
@@ -103,3 +106,26 @@ def policy_step_loss(
         metrics["kl"] = kl.detach()
     metrics["loss"] = loss.detach()
     return loss, metrics
+
+
+def value_step_loss(
+    spec: AlgorithmSpec, values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor,
+    normalizer: StepNormalizer,
+) -> tuple[Tensor, Metrics]:
+    """vf_coef x the critic's loss of one micro-batch, as a share of the whole optimiser step, and detached metrics.
+
+    values: (B, T) V_theta(s_t) with gradient; old_values: (B, T) V_old(s_t) from the rollout, before the update;
+    returns: (B, T) the critic's targets (GAE: A_t + V_old(s_t)); mask: (B, T). The per-token loss is reduced by the
+    step-wide token mean (as OpenRLHF's and TRL's masked means, but over the whole step), whatever the policy's
+    reducer, so micro-batch losses add up. Metrics: ``vf_loss`` (the reduced loss before vf_coef; adds up over
+    micro-batches) and the value loss's own stats (means over this micro-batch's tokens).
+    """
+    if spec.value_loss is None:
+        raise InputError(f"algorithm {spec.name!r} trains no critic (value_loss=None); there is no value loss")
+    check_same_shape("values", values, old_values=old_values, returns=returns)
+    m = as_float_mask(mask, values)
+    for name, t in (("values", values.detach()), ("old_values", old_values), ("returns", returns)):
+        check_finite(name, t, m)
+    token_loss, stats = VALUE_LOSSES.get(spec.value_loss)(values, old_values, returns, m, **spec.value_kwargs)
+    vf_loss = REDUCERS.get("token_mean")(token_loss, m, normalizer)
+    return spec.vf_coef * vf_loss, {"vf_loss": vf_loss.detach(), **stats}

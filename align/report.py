@@ -2,7 +2,12 @@
 
 Learning curves (inline SVG) for several runs side by side, and sampled completions with each token coloured by its
 credit (advantage, token reward or weight) on a diverging scale, with the value on hover. Reads ``metrics.jsonl``,
-``samples.jsonl``, ``recipe.yaml`` and ``summary.json`` from each run directory.
+``samples.jsonl``, ``recipe.yaml`` and ``summary.json`` from each run directory; a sweep directory (``align sweep``)
+stands for its finished runs.
+
+Runs are grouped by method (:mod:`align.compare`): a table gives each method's final held-out accuracy (and any
+``--metric``) as a mean with a 95% Student-t interval over its seeds. Where a method pools several runs, each chart
+draws one mean curve per method with its 95% band, instead of one curve per run.
 """
 
 from __future__ import annotations
@@ -11,12 +16,26 @@ import html
 import json
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from align.compare import (
+    MethodResult,
+    choose_metrics,
+    format_interval,
+    format_seeds,
+    is_pooled,
+    mean_curve,
+    summarise,
+    table_lines,
+    to_json,
+)
 from align.errors import InputError
+from align.manifest import FINISHED, RunRecord, is_sweep_dir, load_manifest
+from align.stats import METHOD_NOTE
 from align.trainers.jsonl import Warn, warn_on_stderr
 from align.trainers.metrics import read_metrics
 from align.trainers.samples import read_samples
@@ -47,10 +66,14 @@ def _reward_curves(runs: list[dict[str, Any]]) -> list[tuple[str, list[str]]]:
     return [(f"Reward: {k.split('/')[1]}", [k]) for k in names]
 
 
+Band = tuple[str, str, list[tuple[float, float, float]]]  # (label, colour, [(x, low, high), ...])
+
+
 def svg_chart(title: str, lines: list[tuple[str, str, list[tuple[float, float]]]], width: int = 460,
-              height: int = 220) -> str:
-    """An inline SVG line chart. lines: (label, colour, [(x, y), ...])."""
-    points = [p for _, _, pts in lines for p in pts]
+              height: int = 220, bands: Sequence[Band] = ()) -> str:
+    """An inline SVG line chart. lines: (label, colour, [(x, y), ...]); bands: shaded areas drawn beneath them."""
+    points = [p for _, _, pts in lines for p in pts] + \
+        [(x, y) for _, _, pts3 in bands for x, low, high in pts3 for y in (low, high)]
     left, right, top, bottom = 52, 10, 26, 30
     x0, x1 = min(p[0] for p in points), max(p[0] for p in points)
     y0, y1 = min(p[1] for p in points), max(p[1] for p in points)
@@ -75,6 +98,13 @@ def svg_chart(title: str, lines: list[tuple[str, str, list[tuple[float, float]]]
     for value in (x0, x1):
         parts.append(f'<text x="{sx(value):.1f}" y="{height - bottom + 14}" class="tick" '
                      f'text-anchor="middle">{value:.0f}</text>')
+    for label, colour, band in bands:
+        if len(band) < 2:
+            continue
+        outline = [(x, high) for x, _, high in band] + [(x, low) for x, low, _ in reversed(band)]
+        path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in outline)
+        parts.append(f'<polygon class="band" points="{path}" fill="{colour}" fill-opacity="0.18" stroke="none">'
+                     f'<title>{html.escape(label)}</title></polygon>')
     for label, colour, pts in lines:
         if not pts:
             continue
@@ -151,29 +181,145 @@ def _chosen_steps(samples: list[dict[str, Any]], count: int = 3) -> list[int]:
     return sorted({steps[0], steps[len(steps) // 2], steps[-1]})
 
 
-def build_report(run_dirs: Sequence[str | Path], warn: Warn = warn_on_stderr) -> str:
-    """The HTML page for one or more runs."""
+def load_runs(paths: Sequence[str | Path], warn: Warn = warn_on_stderr) -> list[dict[str, Any]]:
+    """The runs to report: each run directory, and the finished runs of each sweep directory (its manifest names
+    their method and seed; an unfinished run is left out with a warning). A run given twice is read once."""
+    runs: list[dict[str, Any]] = []
+    seen: set[Path] = set()
+
+    def add(path: Path, record: RunRecord | None = None) -> None:
+        if path.resolve() in seen:
+            return
+        seen.add(path.resolve())
+        run = _load_run(path, warn)
+        record = record or _sweep_record(path)
+        run["method"] = record.method if record else None
+        run["seed"] = record.seed if record else _seed(run["recipe"])
+        runs.append(run)
+
+    for given in map(Path, paths):
+        if not is_sweep_dir(given):
+            add(given)
+            continue
+        manifest = load_manifest(given)
+        finished = [r for r in manifest.runs.values() if r.status in FINISHED and (given / str(r.dir)).is_dir()]
+        for record in manifest.runs.values():
+            if record not in finished:
+                why = "it failed; sweep.json holds its error" if record.status == "failed" else \
+                    "not finished" if record.status not in FINISHED else f"its directory {record.dir} is gone"
+                warn(f"{given}: run {record.id} is left out ({why})")
+        if not finished:
+            raise InputError(f"{given}: the sweep has no finished run yet; run `align sweep` to finish it")
+        for record in finished:
+            add(given / str(record.dir), record)
+    return runs
+
+
+def _sweep_record(run_dir: Path) -> RunRecord | None:
+    """The manifest record of a run directory inside a sweep directory, if any (its method and seed)."""
+    if not is_sweep_dir(run_dir.parent):
+        return None
+    try:
+        manifest = load_manifest(run_dir.parent)
+    except InputError:
+        return None
+    return next((r for r in manifest.runs.values() if r.dir == run_dir.name), None)
+
+
+def _seed(recorded: dict[str, Any]) -> int | None:
+    """The seed in a run's recipe.yaml as written (a dict, not a Recipe)."""
+    seed = recorded.get("seed", 0) if recorded else None
+    return seed if isinstance(seed, int) else None
+
+
+@dataclass
+class Report:
+    """The page, and the per-method numbers it shows (also for the terminal table and ``--json``)."""
+
+    page: str
+    methods: list[MethodResult]
+    metrics: list[str]
+
+    def table(self) -> list[str]:
+        return table_lines(self.methods, self.metrics)
+
+    def numbers(self) -> dict[str, Any]:
+        return to_json(self.methods, self.metrics)
+
+
+def make_report(run_dirs: Sequence[str | Path], metrics: Sequence[str] = (), warn: Warn = warn_on_stderr) -> Report:
+    """The page for one or more runs or sweeps, with each method's final ``metrics`` (held-out accuracy always)."""
     if not run_dirs:
         raise InputError("align report needs at least one run directory")
-    runs = [_load_run(Path(p), warn) for p in run_dirs]
-    colours = {run["name"]: PALETTE[i % len(PALETTE)] for i, run in enumerate(runs)}
-    charts = []
-    for title, keys in CURVES[:1] + _reward_curves(runs) + CURVES[1:]:
-        lines = []
-        for run in runs:
-            for key in keys:
-                pts = _series(run["metrics"], key)
-                if pts:
-                    lines.append((f"{run['name']} {key}", colours[run["name"]], pts))
-                    break
-        if lines:
-            charts.append(svg_chart(title, lines))
-    legend = "".join(f'<span class="run-key"><span class="swatch" style="background:{colours[r["name"]]}"></span>'
-                     f'{html.escape(r["name"])}</span>' for r in runs)
+    runs = load_runs(run_dirs, warn)
+    chosen = choose_metrics(runs, metrics)
+    methods = summarise(runs, chosen)
+    pooled = is_pooled(methods)
+    curves = CURVES[:1] + _reward_curves(runs) + CURVES[1:]
+    curves += [(key, [key]) for key in chosen if not any(key in keys for _, keys in curves)]
+    if pooled:
+        colours = {m.method: PALETTE[i % len(PALETTE)] for i, m in enumerate(methods)}
+        charts = [_method_chart(title, keys, methods, colours) for title, keys in curves]
+        legend = "".join(_swatch(colours[m.method], f"{m.method} ({len(m.runs)} runs)") for m in methods)
+        shown = [m.runs[0] for m in methods]  # token heatmaps: one run per method
+        note = "<p>One run per method (its first seed).</p>"
+    else:
+        colours = {run["name"]: PALETTE[i % len(PALETTE)] for i, run in enumerate(runs)}
+        charts = [_run_chart(title, keys, runs, colours) for title, keys in curves]
+        legend = "".join(_swatch(colours[r["name"]], r["name"]) for r in runs)
+        shown, note = runs, ""
     overview = "".join(_overview_row(run) for run in runs)
-    heatmaps = "".join(_run_tokens(run) for run in runs)
-    return _PAGE.format(title=html.escape(", ".join(r["name"] for r in runs)), legend=legend, overview=overview,
-                        charts="".join(charts), heatmaps=heatmaps)
+    heatmaps = note + "".join(_run_tokens(run) for run in shown)
+    curves_note = ("Each curve is a method's mean over its seeds; the shaded band is the 95% interval (Student t "
+                   "over seeds) at each step." if pooled else "One curve per run.")
+    page = _PAGE.format(title=html.escape(", ".join(r["name"] for r in runs)), legend=legend, overview=overview,
+                        methods=_methods_table(methods, chosen), curves_note=curves_note,
+                        charts="".join(c for c in charts if c), heatmaps=heatmaps)
+    return Report(page, methods, chosen)
+
+
+def build_report(run_dirs: Sequence[str | Path], warn: Warn = warn_on_stderr, metrics: Sequence[str] = ()) -> str:
+    """The HTML page for one or more runs."""
+    return make_report(run_dirs, metrics, warn).page
+
+
+def _swatch(colour: str, label: str) -> str:
+    return (f'<span class="run-key"><span class="swatch" style="background:{colour}"></span>{html.escape(label)}'
+            "</span>")
+
+
+def _run_chart(title: str, keys: list[str], runs: list[dict[str, Any]], colours: dict[str, str]) -> str:
+    lines = []
+    for run in runs:
+        for key in keys:
+            pts = _series(run["metrics"], key)
+            if pts:
+                lines.append((f"{run['name']} {key}", colours[run["name"]], pts))
+                break
+    return svg_chart(title, lines) if lines else ""
+
+
+def _method_chart(title: str, keys: list[str], methods: list[MethodResult], colours: dict[str, str]) -> str:
+    lines, bands = [], []
+    for m in methods:
+        curve = mean_curve(m.runs, keys)
+        if not curve:
+            continue
+        colour = colours[m.method]
+        lines.append((f"{m.method}: mean of {len(m.runs)} runs", colour, [(x, i.mean) for x, i in curve]))
+        band = [(x, i.low, i.high) for x, i in curve if i.low is not None and i.high is not None]
+        bands.append((f"{m.method}: 95% interval", colour, band))
+    return svg_chart(f"{title} (mean, 95% band)", lines, bands=bands) if lines else ""
+
+
+def _methods_table(methods: list[MethodResult], metrics: list[str]) -> str:
+    head = "".join(f"<th>{html.escape(m)} (final)</th>" for m in metrics)
+    rows = "".join(
+        f"<tr><td>{html.escape(r.method)}</td><td>{len(r.runs)}</td><td>{html.escape(format_seeds(r.seeds))}</td>"
+        + "".join(f"<td>{html.escape(format_interval(m, r.intervals[m]))}</td>" for m in metrics) + "</tr>"
+        for r in methods)
+    return (f'<table class="methods"><tr><th>method</th><th>runs</th><th>seeds</th>{head}</tr>{rows}</table>'
+            f"<p class=\"note\">{html.escape(METHOD_NOTE)}; the final value is each run's last logged one.</p>")
 
 
 def _overview_row(run: dict[str, Any]) -> str:
@@ -204,18 +350,32 @@ def _run_tokens(run: dict[str, Any]) -> str:
     return "".join(parts)
 
 
-def write_report(run_dirs: Sequence[str | Path], output: str | Path, warn: Warn = warn_on_stderr) -> Path:
+def write_report(run_dirs: Sequence[str | Path], output: str | Path, warn: Warn = warn_on_stderr,
+                 metrics: Sequence[str] = ()) -> Path:
     """Write the page to ``output``, or to ``report.html`` inside it when it is a directory; returns the file."""
+    return write_page(build_report(run_dirs, warn, metrics), output)  # a bad run directory leaves nothing behind
+
+
+def write_page(page: str, output: str | Path) -> Path:
+    """``page`` to ``output`` (``report.html`` inside it when it is a directory); returns the file."""
     out = Path(output)
     if out.is_dir():
         out = out / "report.html"
-    page = build_report(run_dirs, warn)  # before touching the output: a bad run directory leaves nothing behind
+    return _write(out, page, "the report")
+
+
+def write_numbers(report: Report, output: str | Path) -> Path:
+    """The per-method numbers as JSON (``--json``)."""
+    return _write(Path(output), json.dumps(report.numbers(), indent=2) + "\n", "--json")
+
+
+def _write(out: Path, text: str, what: str) -> Path:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(page)
+        out.write_text(text)
     except OSError as err:  # a folder on the way is a file, no permission, a full disk
         where = f" ({err.filename})" if err.filename and Path(err.filename) != out else ""
-        raise InputError(f"cannot write the report to {str(out)!r}: {err.strerror or err}{where}") from None
+        raise InputError(f"cannot write {what} to {str(out)!r}: {err.strerror or err}{where}") from None
     return out
 
 
@@ -230,6 +390,7 @@ td, th {{ border-bottom: 1px solid #ddd; padding: 4px 10px; text-align: left; }}
 .chart {{ border: 1px solid #eee; background: #fff; }}
 .chart-title {{ font-size: 12px; font-weight: 600; }} .tick {{ font-size: 10px; fill: #666; }}
 .axis {{ stroke: #999; stroke-width: 1; }}
+.note {{ color: #555; font-size: 13px; }}
 .run-key {{ margin-right: 14px; }} .swatch {{ display: inline-block; width: 12px; height: 12px; margin-right: 4px; }}
 .sample {{ font-family: ui-monospace, monospace; margin: 3px 0; }}
 .meta {{ display: inline-block; width: 130px; color: #555; white-space: nowrap; }}
@@ -243,8 +404,12 @@ details.module summary {{ cursor: pointer; font-size: 13px; }}
 </style></head><body>
 <h1>align report</h1>
 <div>{legend}</div>
+<h2>Methods (seeds pooled)</h2>
+{methods}
+<h2>Runs</h2>
 <table><tr><th>run</th><th>algorithm</th><th>steps</th><th>held-out accuracy</th></tr>{overview}</table>
 <h2>Learning curves</h2>
+<p class="note">{curves_note}</p>
 <div class="charts">{charts}</div>
 <h2>Where the credit goes</h2>
 <p>Sampled completions of one prompt per chosen step. Each token is coloured by its credit: red pushed up, blue

@@ -35,9 +35,10 @@ from align.trainers.controller import Controller, Schedule
 from align.trainers.metrics import MetricsLogger, read_metrics
 from align.trainers.preference import task_pairs, tokenize_pairs
 from align.trainers.probe import ProbeCheck
-from align.trainers.protocols import SamplingParams, Workload
+from align.trainers.protocols import ANSWER_IDS, SamplingParams, Workload
 from align.trainers.sampler import PromptSampler
 from align.trainers.samples import SampleRecorder
+from align.trainers.sequences import encode
 from align.trainers.workload import PolicyWorkload, PreferenceWorkload
 
 
@@ -157,16 +158,21 @@ def _policy(recipe: Recipe, spec: AlgorithmSpec, parts: Parts,
     provider = rewards_provider()
     verifier = provider.verifier(recipe)
     assert parts.engine is not None and parts.rewards is not None
+    columns = {c: train[c] for c in train.column_names if c != "prompt"}
+    if recipe.credit is not None:  # credit modules may score the reference answer's tokens (rlp_information_gain)
+        columns[ANSWER_IDS] = encode(tokenizer, [str(a) for a in train["answer"]])
     workload = PolicyWorkload(
         spec=spec, engine=parts.engine, rewards=parts.rewards, learner=parts.learner, prompts=train["prompt"],
-        columns={c: train[c] for c in train.column_names if c != "prompt"},
+        columns=columns,
         sampler=PromptSampler(len(train), recipe.seed), prompts_per_step=recipe.rollout.prompts_per_step,
         samples_per_prompt=recipe.rollout.samples_per_prompt,
         sampling=SamplingParams(max_new_tokens=recipe.rollout.max_new_tokens, temperature=recipe.rollout.temperature,
                                 top_p=recipe.rollout.top_p),
         credit=parts.credit, accuracy_reward=provider.accuracy_reward(recipe), overlap=recipe.runtime.overlap,
         is_level=recipe.runtime.is_level, is_cap=recipe.runtime.is_cap,
-        max_reward_failure_share=recipe.guards.max_reward_failure_share, max_empty_steps=recipe.guards.max_empty_steps)
+        max_reward_failure_share=recipe.guards.max_reward_failure_share, max_empty_steps=recipe.guards.max_empty_steps,
+        long_horizon_temperature=recipe.rollout.long_horizon_temperature,
+        long_horizon_candidates=recipe.rollout.candidates())
 
     def evaluate() -> dict[str, float]:
         return {"eval/accuracy": greedy_eval(parts.policy(), tokenizer, test, verifier,

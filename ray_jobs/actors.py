@@ -112,8 +112,9 @@ class LearnerRank:
         return self.learner.evaluate(batch)
 
     def forward(self, method: str, batch: Any) -> Tensor:
-        """``logprobs``, ``ref_logprobs`` or ``entropy`` of the policy learner on ``batch``."""
-        assert isinstance(self.learner, PolicyLearner) and method in ("logprobs", "ref_logprobs", "entropy")
+        """``logprobs``, ``ref_logprobs``, ``entropy`` or (with a critic) ``values`` of the policy learner on
+        ``batch``."""
+        assert isinstance(self.learner, PolicyLearner) and method in ("logprobs", "ref_logprobs", "entropy", "values")
         result: Tensor = getattr(self.learner, method)(batch)
         return result
 
@@ -133,10 +134,10 @@ class LearnerRank:
         from ray_jobs.weight_sync import BroadcastGroup, tensor_specs
 
         self.group = BroadcastGroup(host=host, port=port, rank=0, world_size=2, backend=backend)
-        return tensor_specs(self.learner.strategy.full_state())
+        return tensor_specs(self.learner.policy_state())  # the policy's weights (never a critic's value head)
 
     def send(self, version: int) -> None:
-        self.group.send(self.learner.strategy.full_state(), version)
+        self.group.send(self.learner.policy_state(), version)
 
     def pid(self) -> int:
         return os.getpid()

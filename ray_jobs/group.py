@@ -63,6 +63,9 @@ class LearnerGroup:
     def entropy(self, batch: Any) -> Tensor:
         return self._forward("entropy", batch)
 
+    def values(self, batch: Any) -> Tensor:
+        return self._forward("values", batch)
+
     def policy_bytes(self) -> bytes:
         """Rank 0's weights (under ZeRO-3 every rank takes part in the gather), fetched once per weight change:
         the weight sync, evaluation and the final model share one fetch."""

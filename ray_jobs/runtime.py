@@ -20,6 +20,7 @@ import ray
 from align.build import policy_model
 from align.components import Parts, RunPlan
 from align.config import Recipe, RecipeError
+from align.trainers.policy_scorer import POLICY, LearnerScorer
 from ray_jobs.actors import AuxModelWorker, LearnerRank, RemoteScorer, load_weights
 from ray_jobs.group import LearnerGroup
 from ray_jobs.placement import Placement, connect, free_port
@@ -59,6 +60,8 @@ class RayRuntime:
             learners = LearnerGroup(ranks, recipe.runtime.zero_stage)
 
             def load_scorer(path: str) -> Any:
+                if path == POLICY:  # the weights being trained, scored by the learner ranks
+                    return LearnerScorer(learners)
                 actor = AuxModelWorker.options(num_cpus=0.25).remote(str(plan.base) if path == "base" else path,
                                                                      recipe.runtime.threads or 1)
                 actors.append(actor)

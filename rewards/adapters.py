@@ -3,13 +3,14 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from align.trainers.protocols import CreditResult, RewardResult, Rollout
+from align.trainers.protocols import ANSWER_IDS, CreditResult, RewardResult, Rollout
 from rewards.combine import RewardBatch, RewardComposer
 from rewards.credit.base import CREDIT, CreditInputs
 
@@ -34,8 +35,31 @@ class ComposerRewardFunction:
                             metrics=scores.metrics, failures=scores.failures)
 
 
-MODEL_OPTIONS = ("dpo_model", "ref_model", "positive_model", "negative_model")
-"""Credit options that name an auxiliary model (a directory, or ``"base"``: the run's base model)."""
+MODEL_OPTIONS = ("dpo_model", "ref_model", "positive_model", "negative_model", "policy_model", "baseline_model")
+"""Credit options that name an auxiliary model (a directory; ``"base"``: the run's base model; ``"policy"``: the
+learner's current weights, served through ``Learner.logprobs`` by either runtime)."""
+
+
+def model_option_defaults(name: str) -> dict[str, str]:
+    """The auxiliary models credit module ``name`` names by default (``policy_model="policy"`` in its signature),
+    to be loaded like the recipe's own (the recipe's options override them)."""
+    params = inspect.signature(CREDIT.get(name)).parameters.values()
+    return {p.name: p.default for p in params if p.name in MODEL_OPTIONS and isinstance(p.default, str)}
+
+
+def target_tensors(rollout: Rollout) -> tuple[Tensor | None, Tensor | None]:
+    """The rows' reference answers as (target_ids (B, X) right-padded with 0, target_mask (B, X)), from the
+    :data:`~align.trainers.protocols.ANSWER_IDS` column; (None, None) where the rollout has no such column."""
+    rows = rollout.columns.get(ANSWER_IDS)
+    if rows is None:
+        return None, None
+    width = max([len(r) for r in rows] + [1])
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.as_tensor(list(row), dtype=torch.long)
+        mask[i, : len(row)] = 1.0
+    return ids, mask
 
 
 class CreditModuleFunction:
@@ -50,10 +74,11 @@ class CreditModuleFunction:
 
     def __call__(self, rollout: Rollout, rewards: Tensor, *, logp: Tensor | None, entropy: Tensor | None,
                  token_rewards: Tensor | None) -> CreditResult:
+        target_ids, target_mask = target_tensors(rollout)
         inputs = CreditInputs(rewards=rewards.to(torch.float32), mask=rollout.mask, token_ids=rollout.completion_ids,
                               group_ids=rollout.group_ids, prompt_ids=rollout.prompt_ids,
                               prompt_mask=rollout.prompt_mask, logp=logp, entropy=entropy,
-                              token_rewards=token_rewards)
+                              token_rewards=token_rewards, target_ids=target_ids, target_mask=target_mask)
         return CreditResult(values=self.module(inputs, **self.options), output=self.output)
 
 

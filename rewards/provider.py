@@ -16,19 +16,46 @@ from align.components import ScorerLoader
 from align.config import OptionValueError, Recipe, RecipeError, RewardEntry, check_option_values, choices
 from align.data.tasks import TASKS
 from align.errors import InputError
+from align.losses import PREFERENCE_LOSSES
+from align.losses.preference_token import ALIGNDISTIL_RESPONSES
 from align.trainers.evaluate import Verifier
 from align.trainers.learner import PairBatch
 from align.trainers.protocols import CreditFunction, RewardFunction, Rollout
 from align.trainers.samples import Diagnostics
 from align.trainers.workload import TokenCredit
-from rewards.adapters import MODEL_OPTIONS, VERIFIERS, ComposerRewardFunction, CreditModuleFunction, verifier
+from rewards.adapters import (
+    MODEL_OPTIONS,
+    VERIFIERS,
+    ComposerRewardFunction,
+    CreditModuleFunction,
+    model_option_defaults,
+    verifier,
+)
 from rewards.combine import RewardComposer, RewardTerm
-from rewards.credit import CREDIT, CreditInputs
+from rewards.credit import CREDIT, CreditInputs, LogitsModel
+from rewards.credit.base import response_logits
+from rewards.credit.contrastive_prompting import split_template
 from rewards.plugins import load_entry_points, load_plugins
 from rewards.registry import REWARDS
 
 # credit modules a preference loss reads its token inputs from
-PREFERENCE_CREDIT = {"cdpo": "contrastive_critical", "tgdpo": "implicit_dpo"}
+PREFERENCE_CREDIT = {"cdpo": "contrastive_critical", "tgdpo": "implicit_dpo", "treg": "contrastive_prompting",
+                     "aligndistil": "contrastive_dpo"}
+# what each of them provides, and the auxiliary models it reads ("base" unless the recipe names them)
+_PROVIDES = {"contrastive_critical": "token weights", "implicit_dpo": "token rewards",
+             "contrastive_prompting": "token rewards", "contrastive_dpo": "teacher models"}
+_AUX_DEFAULTS = {"contrastive_critical": ("positive_model", "negative_model"),
+                 "implicit_dpo": ("dpo_model", "ref_model"), "contrastive_prompting": ("ref_model",),
+                 "contrastive_dpo": ("dpo_model", "reverse_dpo_model")}
+# losses whose token rewards are scaled by the loss's own beta (one beta in the papers: TGDPO arXiv 2506.14574
+# r_t = beta (lp_dpo - lp_ref) inside the loss's beta; AlignDistil arXiv 2503.02832 code's single args.beta)
+ONE_BETA = ("tgdpo", "aligndistil")
+AUX_MODEL_OPTIONS = (*MODEL_OPTIONS, "reverse_dpo_model")  # credit options naming an auxiliary model
+RUN_SUPPLIED = ("tokenizer",)  # credit options the run fills in (the model's own tokenizer)
+# policy presets whose token rewards come from a credit module, with that module's defaults for them (the recipe's
+# credit.options win): RTO (arXiv 2404.18922, spec §7) clips beta1 (lp_dpo - lp_sft) at c, beta1 = c = 0.05, the SFT
+# model being the run's base
+POLICY_CREDIT = {"rto": ("implicit_dpo", {"beta": 0.05, "clip": 0.05, "ref_model": "base"})}
 
 
 def composer(entries: list[RewardEntry]) -> RewardComposer:
@@ -54,12 +81,14 @@ class RecipeRewards:
             if name not in CREDIT:
                 raise RecipeError(f"recipe key 'logging.credit_diagnostics.{i}': " + choices(
                     "unknown credit module", name, CREDIT.names()))
+        _check_policy_credit(recipe)
         if recipe.credit is None:
             return
         if recipe.credit.name not in CREDIT:
             raise RecipeError("recipe key 'credit.name': " + choices("unknown credit module", recipe.credit.name,
                                                                      CREDIT.names()))
         _check_credit_options(recipe.credit.name, recipe.credit.options)
+        _check_run_inputs(recipe.credit.name, recipe.credit.options)
         if recipe.credit.name in ("prm_steps", "thr") and recipe.algorithm.spec().kind == "policy":
             needs = ("step scores from a process reward model" if recipe.credit.name == "prm_steps"
                      else "the policy's logits and hidden states")
@@ -72,22 +101,31 @@ class RecipeRewards:
     def credit_function(self, recipe: Recipe, load_scorer: ScorerLoader) -> CreditFunction | None:
         if recipe.credit is None:
             return None
-        return CreditModuleFunction(recipe.credit.name, _with_scorers(recipe.credit.options, load_scorer))
+        return CreditModuleFunction(recipe.credit.name, _with_run_inputs(
+            recipe.credit.name, _with_scorers({**model_option_defaults(recipe.credit.name),
+                                                  **POLICY_CREDIT.get(recipe.algorithm.preset, ("", {}))[1],
+                                                  **recipe.credit.options},
+                                              load_scorer), recipe))
 
     def token_credit(self, recipe: Recipe, spec: AlgorithmSpec, load_scorer: ScorerLoader) -> TokenCredit | None:
         """cDPO's weights on the rejected response (1 - s_t of contrastive_critical, the rejected side being the
-        "negative" completion) or TGDPO's token rewards on both responses (implicit_dpo without the outcome)."""
+        "negative" completion); TGDPO's or T-REG's token rewards on both responses (implicit_dpo /
+        contrastive_prompting, without the outcome); AlignDistil's auxiliary logits (contrastive_dpo's models).
+        Raised here are the recipe's mistakes ``align validate`` reports (models are checked, not loaded)."""
         wanted = PREFERENCE_CREDIT.get(spec.preference_loss or "")
         if wanted is None:
             return None
         if recipe.credit is None or recipe.credit.name != wanted:
-            raise RecipeError(f"recipe key 'credit': {spec.preference_loss} takes its token "
-                              f"{'weights' if wanted == 'contrastive_critical' else 'rewards'} from credit module "
-                              f"{wanted!r}; add credit: {{name: {wanted}, options: {{...}}}}")
-        needed = ("dpo_model", "ref_model") if wanted == "implicit_dpo" else ("positive_model", "negative_model")
-        options = _with_scorers({**{k: "base" for k in needed}, **recipe.credit.options}, load_scorer)
-        if wanted == "implicit_dpo":
+            raise RecipeError(f"recipe key 'credit': {spec.preference_loss} takes its {_PROVIDES[wanted]} from "
+                              f"credit module {wanted!r}; add credit: {{name: {wanted}, options: {{...}}}}")
+        options = _with_scorers({**{k: "base" for k in _AUX_DEFAULTS[wanted]}, **recipe.credit.options}, load_scorer)
+        if spec.preference_loss in ONE_BETA:
+            options["beta"] = _one_beta(recipe, spec)
+        if wanted == "contrastive_dpo":
+            return _aligndistil_extras(spec, options["dpo_model"], options["reverse_dpo_model"])
+        if wanted in ("implicit_dpo", "contrastive_prompting"):
             options["outcome_weight"] = 0.0
+        options = _with_run_inputs(wanted, options, recipe)
         module = CREDIT.get(wanted)
 
         def run(ids: Tensor, mask: Tensor, prompt_ids: Tensor, prompt_mask: Tensor, rewards: Tensor,
@@ -167,6 +205,21 @@ def _check_options(index: int, entry: RewardEntry) -> None:
             raise RecipeError(f"recipe key 'rewards.{index}': {entry.name}: {err}") from None
 
 
+def _check_policy_credit(recipe: Recipe) -> None:
+    """A preset built on a credit module (rto) has it in the recipe, with the DPO model it reads."""
+    if recipe.algorithm.preset not in POLICY_CREDIT:
+        return
+    preset, (module, _) = recipe.algorithm.preset, POLICY_CREDIT[recipe.algorithm.preset]
+    if recipe.credit is None or recipe.credit.name != module:
+        raise RecipeError(f"recipe key 'credit': {preset} takes its token rewards from credit module {module!r} "
+                          f"(arXiv 2404.18922); add credit: {{name: {module}, options: {{dpo_model: <a DPO-trained "
+                          "model directory>}}")
+    if "dpo_model" not in recipe.credit.options:
+        raise RecipeError(f"recipe key 'credit.options': {preset} needs dpo_model, the DPO-trained model whose "
+                          "log-ratio to the SFT base is the token reward (e.g. the final/ directory of a dpo run; "
+                          "base gives a zero implicit reward)")
+
+
 def _check_credit_options(name: str, options: dict[str, Any]) -> None:
     """The module's keyword-only arguments, with values of their annotated types (auxiliary models are paths)."""
     module = CREDIT.get(name)
@@ -176,11 +229,101 @@ def _check_credit_options(name: str, options: dict[str, Any]) -> None:
         raise RecipeError(f"recipe key 'credit.options.{unknown[0]}': " + choices(
             f"credit module {name!r} has no option", unknown[0], valid or ["(none)"]))
     try:
-        check_option_values("credit.options", module, {k: v for k, v in options.items() if k not in MODEL_OPTIONS})
+        check_option_values("credit.options", module, {k: v for k, v in options.items()
+                                                        if k not in AUX_MODEL_OPTIONS})
     except OptionValueError as err:
         raise err.recipe_error() from None
 
 
 def _with_scorers(options: dict[str, Any], load_scorer: Callable[[str], Any]) -> dict[str, Any]:
     """Credit options naming auxiliary models by path become scorers (``"base"`` is resolved by the loader)."""
-    return {k: load_scorer(str(v)) if k in MODEL_OPTIONS and isinstance(v, str) else v for k, v in options.items()}
+    return {k: load_scorer(str(v)) if k in AUX_MODEL_OPTIONS and isinstance(v, str) else v for k, v in options.items()}
+
+
+def _check_run_inputs(name: str, options: dict[str, Any]) -> None:
+    """Options the run fills in are not the recipe's; instruction templates hold their {prompt} once."""
+    supplied = sorted(set(options) & set(RUN_SUPPLIED))
+    if supplied:
+        raise RecipeError(f"recipe key 'credit.options.{supplied[0]}': the run passes the model's own "
+                          f"{supplied[0]}; remove it (set model.tokenizer to use another tokenizer)")
+    for key in ("better_template", "worse_template"):
+        if key in options and name == "contrastive_prompting":
+            try:
+                split_template(key, options[key])
+            except InputError as err:
+                raise RecipeError(f"recipe key 'credit.options.{key}': {err}") from None
+
+
+def _with_run_inputs(name: str, options: dict[str, Any], recipe: Recipe) -> dict[str, Any]:
+    """The module's run-supplied options: the run's tokenizer (loaded on first use) for modules that encode text."""
+    if "tokenizer" in inspect.signature(CREDIT.get(name)).parameters:
+        options = {**options, "tokenizer": _RunTokenizer(recipe)}
+    return options
+
+
+class _RunTokenizer:
+    """The run's tokenizer (``model.tokenizer``, else the base model's), loaded when first used: at train time,
+    after the base model is prepared; ``align validate`` builds the parts without loading it."""
+
+    def __init__(self, recipe: Recipe) -> None:
+        self.recipe: Recipe = recipe
+        self.loaded: Any = None
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name in ("recipe", "loaded"):
+            raise AttributeError(name)
+        if self.loaded is None:
+            from align.build import load_tokenizer, prepare_base_model
+
+            self.loaded = load_tokenizer(prepare_base_model(self.recipe, log=lambda _: None), self.recipe)
+        return getattr(self.loaded, name)
+
+
+def _loss_option(spec: AlgorithmSpec, name: str) -> Any:
+    """A preference loss's hyperparameter: the recipe's value, else the loss's default."""
+    if name in spec.preference_kwargs:
+        return spec.preference_kwargs[name]
+    assert spec.preference_loss is not None
+    return inspect.signature(PREFERENCE_LOSSES.get(spec.preference_loss)).parameters[name].default
+
+
+def _one_beta(recipe: Recipe, spec: AlgorithmSpec) -> float:
+    """The credit module's beta is the loss's (TGDPO and AlignDistil have one beta); a different explicit value is a
+    recipe mistake, refused rather than silently overridden."""
+    assert recipe.credit is not None
+    beta = float(_loss_option(spec, "beta"))
+    given = recipe.credit.options.get("beta")
+    if given is not None and float(given) != beta:
+        raise RecipeError(f"recipe key 'credit.options.beta': {spec.preference_loss} has one beta for its token "
+                          f"rewards and its loss, but credit.options.beta = {given} differs from the loss beta {beta} "
+                          "(learner.beta or algorithm.overrides.preference_kwargs.beta); remove credit.options.beta "
+                          "(it follows the loss beta) or set the two equal")
+    return beta
+
+
+def _aligndistil_extras(spec: AlgorithmSpec, dpo: Any, reverse: Any) -> TokenCredit:
+    """The DPO and reverse-DPO models' next-token logits (B, T, V) on the responses the loss distils on."""
+    responses = _loss_option(spec, "responses")
+    if responses not in ALIGNDISTIL_RESPONSES:
+        raise RecipeError(f"recipe key 'algorithm.overrides.preference_kwargs.responses': aligndistil distils on "
+                          f"{' or '.join(map(repr, ALIGNDISTIL_RESPONSES))} responses, got {responses!r}")
+    sides = ("chosen", "rejected") if responses == "both" else ("chosen",)
+
+    def logits(model: Any, x: CreditInputs) -> Tensor:
+        if not isinstance(model, LogitsModel):
+            raise InputError(f"aligndistil needs full next-token logits of its auxiliary models; "
+                             f"{type(model).__name__} gives token log-probs only")
+        with torch.no_grad():
+            return response_logits(model, x).float()
+
+    def extras(pairs: PairBatch) -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {}
+        for side in sides:
+            ids, mask = getattr(pairs, f"{side}_ids"), getattr(pairs, f"{side}_mask")
+            x = CreditInputs(rewards=torch.zeros(len(pairs)), mask=mask, token_ids=ids, group_ids=torch.arange(
+                len(pairs)), prompt_ids=pairs.prompt_ids, prompt_mask=pairs.prompt_mask)
+            out[f"{side}_dpo_logits"] = logits(dpo, x)
+            out[f"{side}_reverse_logits"] = logits(reverse, x)
+        return out
+
+    return extras

@@ -190,6 +190,7 @@ def gtpo(
     entropy_threshold: float | None = 0.7,
     entropy_coef: float = 0.1,
     divide_by_conflicts: bool = False,
+    sum_over_group: bool = False,
 ) -> tuple[Tensor, Metrics]:
     """GTPO (Simoni et al., arXiv 2508.03772; README formula and official code, spec §5).
 
@@ -197,7 +198,17 @@ def gtpo(
     (:func:`align.losses.conflict.conflict_weights`), <H>_i the mean full-vocabulary entropy of row i (no gradient),
     delta_i = 1[<H>_i <= entropy_threshold] (the code's rule; the README's <H>_ini variant is not implemented;
     ``None`` disables the filter), gamma = entropy_coef, and r the token ratio, unclipped (GTPO has no clip).
+    The entropy is the one the trainer passes: by default that of the raw logits (temperature 1), as the official
+    code (:func:`align.trainers.sequences.response_outputs`, ``entropy_temperature``).
     ``divide_by_conflicts`` divides row i by max(n_conf_i, 1): in the official code, absent from the README (off).
+
+    Completions are averaged, not summed (default, the README's 1/G): with the preset's ``seq_mean_token_mean``
+    reducer the objective is (1/N) sum_i (1/L_i) sum_t ..., N counting the step's completions, so the learning
+    rate does not depend on G (the project rule: every normaliser counts over the whole optimiser step). The
+    official code sums the per-completion losses of a prompt's G completions instead (one prompt per step in its
+    config); ``sum_over_group=True`` reproduces that: row i's loss is multiplied by the number of trainable
+    completions of its group in this call (the whole group: trainers keep groups whole), which makes the objective
+    sum_{i in group} (1/L_i) sum_t ..., averaged over prompts: G times the default, gradient included.
     Advantages must be row-constant: GTPO uses A_i = r_i - mean(r) (the ``dr_grpo`` estimator).
     Needs token_ids, group_ids and entropy. Returns (B, T) loss and stats.
     """
@@ -217,6 +228,12 @@ def gtpo(
     loss = -shifted.unsqueeze(-1) * weights.to(ratio.dtype) * ratio
     if divide_by_conflicts:
         loss = loss / n_conflict.clamp(min=1).to(loss.dtype).unsqueeze(-1)
+    if sum_over_group and len(x.group_ids):  # x G_i: completions with a trainable token in row i's group
+        _, group = torch.unique(x.group_ids, return_inverse=True)
+        trainable = (x.mask != 0).any(-1).to(loss.dtype)  # (B,); zero-length rows count nowhere
+        group_size = torch.zeros(int(group.max()) + 1, dtype=loss.dtype, device=loss.device).index_add_(
+            0, group, trainable)  # (number of groups,)
+        loss = loss * group_size[group].unsqueeze(-1)
     row_valid = (x.mask != 0).any(-1)
     stats = {
         "entropy_filtered_frac": (1.0 - keep)[row_valid].mean().detach() if row_valid.any() else adv.new_zeros(()),

@@ -238,8 +238,9 @@ def tgdpo(
     """TGDPO (Zhu et al., ICML 2025, arXiv 2506.14574): DPO with token-level reward guidance.
 
     -log sigma( sum_t beta (1 + alpha r^w_t) Delta^w_t - sum_t beta (1 - alpha r^l_t) Delta^l_t ), where r_t is a
-    constant token reward, typically beta' (logp^dpo_t - logp^ref_t) from a trained DPO model (credit module
-    ``implicit_dpo``). With no token rewards it is DPO. As the official code, nothing clips 1 +/- alpha r; the stat
+    constant token reward, beta (logp^dpo_t - logp^ref_t) from a trained DPO model (credit module
+    ``implicit_dpo``) with this loss's beta: the paper has one beta, and recipes refuse a different credit beta.
+    With no token rewards it is DPO. As the official code, nothing clips 1 +/- alpha r; the stat
     ``nonpositive_weight_frac`` reports tokens whose weight is <= 0 (lower alpha if it is not 0). -> (B,).
     """
     chosen, rejected = x.log_ratios()

@@ -31,6 +31,8 @@ class PolicyBatch:
     group_ids: Tensor  # (B,) long
     normalizer: StepNormalizer  # counts of the whole step, not of this share
     ref_logp: Tensor | None = None  # (B, T) when a KL term sits in the loss
+    old_values: Tensor | None = None  # (B, T) V_old(s_t): the critic's values on the rollout, before the update
+    returns: Tensor | None = None  # (B, T) the critic's targets (GAE: A_t + V_old(s_t), un-whitened)
     off_policy: OffPolicy | None = None  # sampled by an older policy: importance-weight the advantages
     is_cap: float = 2.0
     standin: bool = False  # a rank with no rows of its own: one row at loss scale 0 (collectives need a backward)
@@ -43,7 +45,9 @@ class PolicyBatch:
         return replace(self, prompt_ids=self.prompt_ids[rows], prompt_mask=self.prompt_mask[rows],
                        completion_ids=self.completion_ids[rows], mask=self.mask[rows], logp=self.logp[rows],
                        advantages=self.advantages[rows], group_ids=self.group_ids[rows],
-                       ref_logp=None if self.ref_logp is None else self.ref_logp[rows])
+                       ref_logp=None if self.ref_logp is None else self.ref_logp[rows],
+                       old_values=None if self.old_values is None else self.old_values[rows],
+                       returns=None if self.returns is None else self.returns[rows])
 
     def shards(self, world_size: int) -> list[PolicyBatch]:
         """One share per rank: whole groups dealt round-robin (GTPO's conflict weights need the whole group); a rank

@@ -25,10 +25,12 @@ from torch import Tensor
 
 from align.algorithms import AlgorithmSpec
 from align.losses import PREFERENCE_LOSSES, PolicyInputs, PreferenceInputs
-from align.objective import active_rows, policy_step_loss
+from align.objective import active_rows, policy_step_loss, value_step_loss
+from align.ops import masked_fill_zero
 from align.trainers.batches import OffPolicy, PairBatch, PolicyBatch
+from align.trainers.critic import ActorCritic, policy_of, policy_weights
 from align.trainers.precision import Precision, autocast
-from align.trainers.sequences import response_forward
+from align.trainers.sequences import response_forward, response_outputs
 from align.trainers.strategy import Reference, Strategy
 
 __all__ = ["InProcessLearner", "OffPolicy", "PairBatch", "PolicyBatch", "PolicyLearner", "PreferenceLearner",
@@ -38,7 +40,7 @@ __all__ = ["InProcessLearner", "OffPolicy", "PairBatch", "PolicyBatch", "PolicyL
 # ---------------------------------------------------------------------------------------------------------------
 # Statistics: what each learner (or rank) reports, and the one merge for one or several of them
 # ---------------------------------------------------------------------------------------------------------------
-ADDITIVE = ("loss", "pg_loss", "kl")  # shares of the step's loss: they add up over micro-batches and ranks
+ADDITIVE = ("loss", "pg_loss", "kl", "vf_loss")  # shares of the step's loss: they add up over micro-batches and ranks
 _WEIGHTS = ("update/active_tokens", "update/tokens", "update/rows", "update/active_rows", "update/pairs")
 _SAME_ON_EVERY_RANK = ("grad_norm", "lr")
 
@@ -80,13 +82,15 @@ class _Weights:
     strategy: Strategy
 
     def policy_state(self) -> dict[str, Tensor]:
-        """The trained weights on CPU: the LoRA adapter alone (PEFT names) under LoRA, else the full model."""
-        if hasattr(self.strategy.model, "peft_config"):
+        """The trained policy's weights on CPU: the LoRA adapter alone (PEFT names) under LoRA, else the full model;
+        never a critic's value head (:func:`~align.trainers.critic.policy_weights`)."""
+        policy = policy_of(self.strategy.model)
+        if hasattr(policy, "peft_config"):
             from peft import get_peft_model_state_dict
 
-            state = get_peft_model_state_dict(self.strategy.model)
+            state = get_peft_model_state_dict(policy)
             return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
-        return self.strategy.full_state()
+        return policy_weights(self.strategy.full_state())
 
     def save(self, directory: Path) -> None:
         self.strategy.save(directory)
@@ -105,6 +109,9 @@ class PolicyLearner(_Weights):
 
     Micro-batches hold whole groups (``micro_batch_size`` rows at most, at least one group). Groups whose
     advantages are all exactly 0 are skipped when that is exact (:func:`~align.objective.active_rows`).
+    With a critic (``spec.value_loss``) the strategy's model is an :class:`~align.trainers.critic.ActorCritic`:
+    each micro-batch's loss is the policy loss + vf_coef * the value loss against the batch's ``returns``, from
+    the same forward pass; :meth:`values` gives V_old before the update.
     """
 
     spec: AlgorithmSpec
@@ -118,6 +125,13 @@ class PolicyLearner(_Weights):
     def __post_init__(self) -> None:
         if self.spec.kind != "policy":
             raise ValueError(f"PolicyLearner needs a policy algorithm, got {self.spec.name!r} ({self.spec.kind})")
+        self.critic = self.spec.value_loss is not None
+        if self.critic != isinstance(self.strategy.model, ActorCritic):
+            mismatch = ("trains a critic but the learner's model has no value head" if self.critic else
+                        "trains no critic but the learner's model has a value head")
+            raise ValueError(f"algorithm {self.spec.name!r} {mismatch}; build the learner with "
+                             "align.build.make_learner (it wraps the policy in ActorCritic exactly when the algorithm "
+                             "has a value_loss)")
 
     # -- forward passes without gradient ------------------------------------------------------------------------
     def _forward(self, module: Any, batch: Any, *, with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
@@ -144,6 +158,18 @@ class PolicyLearner(_Weights):
         entropy = self._forward(self.strategy.module, batch, with_entropy=True)[1]
         assert entropy is not None
         return entropy
+
+    def values(self, batch: Any) -> Tensor:
+        """(B, T) float32 critic values V(s_t) of ``batch``'s completion positions under the current weights (no
+        gradient), 0 off the mask: V_old of the step about to be taken."""
+        if not self.critic:
+            raise ValueError(f"algorithm {self.spec.name!r} trains no critic; it has no values")
+        self.strategy.model.eval()
+        with torch.no_grad(), autocast(self.precision, self.strategy.model):
+            out = response_outputs(self.strategy.module, batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
+                                   batch.mask, temperature=self.temperature)
+        assert out.values is not None
+        return masked_fill_zero(out.values.float(), batch.mask)
 
     # -- the step -------------------------------------------------------------------------------------------------
     def _importance_weighted(self, batch: PolicyBatch) -> tuple[PolicyBatch, dict[str, float]]:
@@ -178,6 +204,17 @@ class PolicyLearner(_Weights):
             start = end
         return out
 
+    def _with_value_loss(self, loss: Tensor, stats: dict[str, Tensor], values: Tensor | None, part: PolicyBatch,
+                         batch: PolicyBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        """The micro-batch's loss + vf_coef * its share of the step's value loss (same step-wide token count)."""
+        if values is None or part.old_values is None or part.returns is None:
+            raise ValueError(f"algorithm {self.spec.name!r} trains a critic: the batch needs old_values and returns "
+                             "(the workload computes them with learner.values before the update)")
+        value_loss, value_stats = value_step_loss(self.spec, values, part.old_values, part.returns, part.mask,
+                                                  batch.normalizer)
+        total = loss + value_loss
+        return total, {**stats, **value_stats, "loss": total.detach()}
+
     def step(self, batch: PolicyBatch) -> dict[str, float]:
         """One optimiser step (``updates_per_batch`` of them) over ``batch``; returns this share's statistics
         (merge several shares with :func:`merge_stats`)."""
@@ -206,12 +243,15 @@ class PolicyLearner(_Weights):
             for i, (rows, scale) in enumerate(zip(micro_batches, scales, strict=True)):
                 part = batch.take(rows)
                 with autocast(self.precision, self.strategy.model):
-                    logp, entropy, _ = response_forward(self.strategy.module, part.prompt_ids, part.prompt_mask,
-                                                        part.completion_ids, part.mask, temperature=self.temperature,
-                                                        with_entropy=True)
+                    fwd = response_outputs(self.strategy.module, part.prompt_ids, part.prompt_mask,
+                                           part.completion_ids, part.mask, temperature=self.temperature,
+                                           with_entropy=True)
+                logp, entropy = fwd.logp, fwd.entropy
                 inputs = PolicyInputs(logp=logp, old_logp=part.logp, advantages=part.advantages, mask=part.mask,
                                       token_ids=part.completion_ids, group_ids=part.group_ids, entropy=entropy)
                 loss, loss_stats = policy_step_loss(self.spec, inputs, batch.normalizer, ref_logp=part.ref_logp)
+                if self.critic:
+                    loss, loss_stats = self._with_value_loss(loss, loss_stats, fwd.values, part, batch)
                 self.strategy.backward(loss * scale, boundary=i == len(micro_batches) - 1)
                 if update == 0 and scale:
                     share = float(part.mask.sum()) / max(tokens, 1.0)
@@ -342,6 +382,10 @@ class InProcessLearner:
     def entropy(self, batch: Any) -> Tensor:
         assert isinstance(self.learner, PolicyLearner)
         return self.learner.entropy(batch)
+
+    def values(self, batch: Any) -> Tensor:
+        assert isinstance(self.learner, PolicyLearner)
+        return self.learner.values(batch)
 
     def policy_state(self) -> dict[str, Tensor]:
         return self.learner.policy_state()

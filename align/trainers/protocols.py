@@ -20,6 +20,10 @@ from torch import Tensor
 
 from align.errors import AlignError
 
+ANSWER_IDS = "answer_ids"
+"""A rollout column with each row's reference answer as token ids (the data's ``answer`` tokenised alone, no special
+tokens), added when the recipe names a credit module, which may score it (``rlp_information_gain``)."""
+
 
 @dataclass
 class Rollout:
@@ -117,6 +121,11 @@ class Learner(Protocol):
     def ref_logprobs(self, batch: Any) -> Tensor: ...
 
     def entropy(self, batch: Any) -> Tensor: ...
+
+    def values(self, batch: Any) -> Tensor:
+        """(B, T) critic values V(s_t) of the completion positions under the current weights (algorithms with a
+        critic: PPO, RTO)."""
+        ...
 
     def policy_state(self) -> dict[str, Tensor]:
         """The trained weights on CPU: the full model, or the adapter alone under LoRA."""

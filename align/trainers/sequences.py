@@ -7,12 +7,14 @@ the attention mask (as ``generate`` does), so a left-padded row gets the same lo
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from align.ops import entropy_from_logits, selective_log_softmax
+from align.trainers.critic import ActorCriticOutput
 
 
 def pad_left(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
@@ -52,6 +54,16 @@ def mask_after_eos(ids: Tensor, eos_id: int) -> Tensor:
     return before.float()
 
 
+@dataclass
+class ResponseOutputs:
+    """One forward pass over prompt + completion, at the completion's positions."""
+
+    logp: Tensor  # (B, T) log-probs of the completion tokens
+    entropy: Tensor | None  # (B, T) no grad, when asked for
+    logits: Tensor | None  # (B, T, V) divided by the temperature, when asked for
+    values: Tensor | None  # (B, T) critic values V(s_t) of the states that choose each token (an ActorCritic)
+
+
 def response_forward(
     model: Any,
     prompt_ids: Tensor,
@@ -62,8 +74,35 @@ def response_forward(
     temperature: float = 1.0,
     with_entropy: bool = False,
     return_logits: bool = False,
+    entropy_temperature: float | None = 1.0,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Log-probs (B, T) of the completion tokens, optionally their entropy (B, T, no grad) and logits (B, T, V).
+    (:func:`response_outputs` also gives a critic's values; ``entropy_temperature`` is explained there.)"""
+    out = response_outputs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature=temperature,
+                           with_entropy=with_entropy, return_logits=return_logits,
+                           entropy_temperature=entropy_temperature)
+    return out.logp, out.entropy, out.logits
+
+
+def response_outputs(
+    model: Any,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    completion_ids: Tensor,
+    completion_mask: Tensor,
+    *,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    return_logits: bool = False,
+    entropy_temperature: float | None = 1.0,
+) -> ResponseOutputs:
+    """Log-probs (B, T) of the completion tokens, optionally their entropy (B, T, no grad) and logits (B, T, V),
+    and the values (B, T) when ``model`` has a value head (:class:`~align.trainers.critic.ActorCritic`).
+
+    Log-probs and returned logits are those of the sampling distribution softmax(z / ``temperature``). The entropy
+    is H(softmax(z / ``entropy_temperature``)): by default 1.0, the model's own distribution from the raw logits,
+    as GTPO's official code computes the entropy it filters on and subtracts (``winstonsmith1897/GTPO``,
+    arXiv 2508.03772; spec §5); ``None`` takes it at the sampling ``temperature`` instead.
 
     Only the T + 1 last positions go through the LM head (``logits_to_keep``): prompt positions predict nothing
     we score, and for a large vocabulary their logits would dominate compute and memory. Unless the logits are
@@ -74,7 +113,7 @@ def response_forward(
     input_ids = torch.cat([prompt_ids, completion_ids], 1)
     attention = torch.cat([prompt_mask.long(), torch.ones_like(completion_ids)], 1)
     positions = (attention.cumsum(-1) - 1).clamp(min=0)
-    logits = _last_logits(model, input_ids, attention, positions, keep=t + 1)  # (B, >= T+1, V)
+    logits, values = _last_outputs(model, input_ids, attention, positions, keep=t + 1)  # (B, >= T+1, V)
     predicting = logits[:, -(t + 1) : -1]  # (B, T, V): position p-1+s predicts completion token s
     if logits.shape[1] == t + 1 and not return_logits and logits.requires_grad:
         # Score all T+1 kept positions (the last one against a dummy id, then dropped) rather than the slice: the
@@ -87,19 +126,21 @@ def response_forward(
     entropy = None
     if with_entropy:
         with torch.no_grad():
-            entropy = entropy_from_logits(predicting.detach(), temperature=temperature)
-    return logp, entropy, (predicting / temperature if return_logits else None)
+            entropy = entropy_from_logits(predicting.detach(), temperature=(
+                temperature if entropy_temperature is None else entropy_temperature))
+    return ResponseOutputs(logp=logp, entropy=entropy, logits=predicting / temperature if return_logits else None,
+                           values=None if values is None else values[:, -(t + 1) : -1])
 
 
-def _last_logits(model: Any, input_ids: Tensor, attention: Tensor, positions: Tensor, *, keep: int) -> Tensor:
-    """Logits of the last ``keep`` positions; all positions for models whose forward has no ``logits_to_keep``."""
-    logits: Tensor
+def _last_outputs(model: Any, input_ids: Tensor, attention: Tensor, positions: Tensor, *,
+                  keep: int) -> tuple[Tensor, Tensor | None]:
+    """Logits of the last ``keep`` positions (all positions for models whose forward has no ``logits_to_keep``),
+    and the values of the same positions when the model has a value head."""
     try:
-        logits = model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
-                       logits_to_keep=keep).logits
-        return logits
+        out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, logits_to_keep=keep)
     except TypeError as err:
         if "logits_to_keep" not in str(err):
             raise
-    logits = model(input_ids=input_ids, attention_mask=attention, position_ids=positions).logits
-    return logits
+        out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions)
+    # (a Hugging Face output is a dict, whose .values is the dict method: ask for the critic's output by type)
+    return out.logits, out.values if isinstance(out, ActorCriticOutput) else None

@@ -8,6 +8,7 @@ code runs whether the parts live in this process or behind Ray actors.
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from align.advantages import ADVANTAGES, nonuniform_groups
+from align.advantages import ADVANTAGES, CRITIC_RETURNS, nonuniform_groups
 from align.algorithms import AlgorithmSpec
 from align.errors import AlignError
 from align.losses import StepNormalizer, kl_reward_penalty
@@ -32,6 +33,7 @@ from align.trainers.protocols import (
     RolloutEngine,
     SamplingParams,
 )
+from align.trainers.resampling import LongHorizonPending
 from align.trainers.sampler import PromptSampler
 
 
@@ -56,7 +58,7 @@ class Collected:
     credit: dict[str, Tensor] = field(default_factory=dict)  # the credit module's (B, T) output, by name
 
 
-def estimate_advantages(
+def estimator_inputs(
     spec: AlgorithmSpec,
     batch: Rollout,
     rewards: Tensor,
@@ -64,12 +66,14 @@ def estimate_advantages(
     ref_logp: Tensor | None,
     credit_fn: CreditFunction | None,
     entropy: Tensor | None = None,
-) -> tuple[Tensor, dict[str, float], dict[str, Tensor]]:
-    """Advantages (B, T) of a batch: KL-in-reward penalty, credit module, estimator, credit weights.
+) -> tuple[Tensor, Tensor | None, dict[str, float], dict[str, Tensor]]:
+    """What the advantage estimator reads: KL-in-reward penalty and credit module composed.
 
     rewards: (B,) sequence rewards; ref_logp: (B, T), needed when the KL term sits in the reward. The credit
     module spreads the sequence reward; the KL penalty is added afterwards, so that no module can drop or
-    re-weight it. Returns (advantages, metrics, credit by name).
+    re-weight it. RTO's token reward, for example, is implicit_dpo's clip_c(beta1 (lp_dpo - lp_sft)) + 1[t = last] R
+    plus the k1 penalty -beta2 (lp_old - lp_sft). Returns (the estimator's rewards: (B,), or (B, T) token rewards;
+    multiplicative credit weights (B, T) or None; metrics; credit by name).
     """
     metrics: dict[str, float] = {}
     credit_out: dict[str, Tensor] = {}
@@ -91,13 +95,62 @@ def estimate_advantages(
                 estimator_input = estimator_input + token_rewards
         else:
             weights = credit.values.to(torch.float32)
+    return estimator_input, weights, metrics, credit_out
+
+
+def estimate_advantages(
+    spec: AlgorithmSpec,
+    batch: Rollout,
+    rewards: Tensor,
+    *,
+    ref_logp: Tensor | None,
+    credit_fn: CreditFunction | None,
+    entropy: Tensor | None = None,
+    values: Tensor | None = None,
+) -> tuple[Tensor, dict[str, float], dict[str, Tensor], Tensor | None]:
+    """Advantages (B, T) of a batch: KL-in-reward penalty, credit module (:func:`estimator_inputs`), estimator,
+    credit weights.
+
+    values: (B, T) the critic's V_old(s_t) on this batch, for an estimator that reads a critic (gae); the critic's
+    targets (GAE: A_t + V_old, before whitening) are then returned too. Returns (advantages, metrics, credit by
+    name, returns or None).
+    """
+    estimator_input, weights, metrics, credit_out = estimator_inputs(spec, batch, rewards, ref_logp=ref_logp,
+                                                                     credit_fn=credit_fn, entropy=entropy)
+    critic = {} if values is None else {"values": values}
     advantages = ADVANTAGES.get(spec.advantage or "grpo")(estimator_input, batch.mask, batch.group_ids,
-                                                          **spec.advantage_kwargs)
+                                                          **critic, **spec.advantage_kwargs)
     if weights is not None:
         advantages = advantages * weights
     metrics["advantage/mean"] = float(masked_mean(advantages, batch.mask))
     metrics["advantage/abs_mean"] = float(masked_mean(advantages.abs(), batch.mask))
-    return advantages.to(torch.float32), metrics, credit_out
+    returns = None
+    if values is not None:
+        returns = critic_returns(spec, estimator_input, batch.mask, batch.group_ids, values)
+        metrics.update(value_metrics(values, returns, batch.mask))
+    return advantages.to(torch.float32), metrics, credit_out, returns
+
+
+def critic_returns(spec: AlgorithmSpec, rewards: Tensor, mask: Tensor, group_ids: Tensor, values: Tensor) -> Tensor:
+    """The critic's regression targets under the spec's estimator (GAE: A_t + V_old(s_t) with the spec's gamma and
+    lambda, un-whitened). rewards: (B,) or (B, T); values, mask: (B, T) -> (B, T) float32."""
+    assert spec.advantage is not None
+    targets = CRITIC_RETURNS[spec.advantage]
+    accepted = inspect.signature(targets).parameters
+    options = {k: v for k, v in spec.advantage_kwargs.items() if k in accepted}
+    return targets(rewards, mask, group_ids, values=values, **options).to(torch.float32)
+
+
+def value_metrics(values: Tensor, returns: Tensor, mask: Tensor) -> dict[str, float]:
+    """The critic before the update, on the rollout: ``value/explained_variance`` 1 - Var[R - V] / Var[R] over the
+    batch's tokens (1 = perfect, 0 = no better than a constant, < 0 worse; absent when the returns do not vary; as
+    OpenAI baselines' ppo2), ``value/old_mean`` and ``value/returns_mean``. values, returns, mask: (B, T)."""
+    v, r = values[mask != 0].double(), returns[mask != 0].double()
+    out = {"value/old_mean": float(v.mean()) if v.numel() else 0.0,
+           "value/returns_mean": float(r.mean()) if r.numel() else 0.0}
+    if r.numel() > 1 and float(r.var(unbiased=False)) > 0:
+        out["value/explained_variance"] = 1.0 - float((r - v).var(unbiased=False) / r.var(unbiased=False))
+    return out
 
 
 class _Ready:
@@ -132,6 +185,11 @@ class PolicyWorkload:
     # row to train on (None: any number), before the run stops with a one-line error
     max_reward_failure_share: float = 0.5
     max_empty_steps: int | None = 3
+    # Long Horizon Temperature Scaling (arXiv 2302.03686; align/trainers/resampling.py): draw
+    # long_horizon_candidates x samples_per_prompt completions at temperature 1 and resample samples_per_prompt of
+    # them towards p(y|x)^(1/T); None: sample as the engine does
+    long_horizon_temperature: float | None = None
+    long_horizon_candidates: int = 1
     _pending: Any = None
     _empty_steps: int = 0  # consecutive, up to this one
 
@@ -140,12 +198,16 @@ class PolicyWorkload:
         prompts = [self.prompts[i] for i in index]
         columns = {k: [v[i] for i in index] for k, v in self.columns.items()}
         seed = int(torch.randint(0, 2**31 - 1, (1,)))  # from the controller's RNG: a resumed run samples the same
+        lhts = self.long_horizon_temperature
+        samples = self.samples_per_prompt * (1 if lhts is None else self.long_horizon_candidates)
         submit = getattr(self.engine, "submit", None)
-        if submit is not None:
-            return submit(prompts, columns, samples_per_prompt=self.samples_per_prompt, params=self.sampling,
-                          seed=seed)
-        return _Ready(self.engine.generate(prompts, columns, samples_per_prompt=self.samples_per_prompt,
-                                           params=self.sampling, seed=seed))
+        pending = (submit(prompts, columns, samples_per_prompt=samples, params=self.sampling, seed=seed)
+                   if submit is not None else
+                   _Ready(self.engine.generate(prompts, columns, samples_per_prompt=samples, params=self.sampling,
+                                               seed=seed)))
+        if lhts is None:
+            return pending
+        return LongHorizonPending(pending, lhts, self.samples_per_prompt, seed)
 
     def collect(self, step: int, version: int, prefetch: bool) -> Collected:
         """This step's batch. ``prefetch`` (with ``overlap``): submit the next step's rollout now, before the
@@ -157,6 +219,8 @@ class PolicyWorkload:
         rollout: Rollout = pending.result()
         metrics: dict[str, float] = {"time/rollout": time.perf_counter() - start,
                                      "time/generate": rollout.timings.get("generate", time.perf_counter() - start)}
+        if isinstance(pending, LongHorizonPending):
+            metrics.update(pending.metrics)  # lhts/ess, lhts/ess_frac, lhts/unique_frac
         reward_start = time.perf_counter()
         result = self.rewards(rollout, step)
         metrics["time/reward"] = time.perf_counter() - reward_start
@@ -184,8 +248,14 @@ class PolicyWorkload:
             ref_logp = self.learner.ref_logprobs(batch)
             metrics["time/reference"] = time.perf_counter() - reference_start
         entropy = self.learner.entropy(batch) if getattr(self.credit, "needs_entropy", False) else None
-        advantages, extra, credit = estimate_advantages(self.spec, batch, rewards, ref_logp=ref_logp,
-                                                        credit_fn=self.credit, entropy=entropy)
+        values = None
+        if self.spec.value_loss is not None:  # V_old: the critic on this rollout, before the update
+            critic_start = time.perf_counter()
+            values = self.learner.values(batch)
+            metrics["time/critic"] = time.perf_counter() - critic_start
+        advantages, extra, credit, returns = estimate_advantages(self.spec, batch, rewards, ref_logp=ref_logp,
+                                                                 credit_fn=self.credit, entropy=entropy,
+                                                                 values=values)
         metrics.update(extra)
         in_loss = self.spec.kl is not None and self.spec.kl_placement == "loss"
         train = PolicyBatch(prompt_ids=batch.prompt_ids, prompt_mask=batch.prompt_mask,
@@ -194,7 +264,7 @@ class PolicyWorkload:
                             normalizer=StepNormalizer.from_masks(batch.mask,
                                                                  generation_budget=self.spec.generation_budget),
                             ref_logp=ref_logp if in_loss else None, off_policy=self.is_level if lag > 0 else None,
-                            is_cap=self.is_cap)
+                            is_cap=self.is_cap, old_values=values, returns=returns)
         return Collected(train, metrics, batch, rewards, advantages, credit)
 
     def _stop_if_a_reward_fails(self, result: RewardResult, step: int, metrics: dict[str, float]) -> None:
@@ -245,6 +315,12 @@ class PolicyWorkload:
             values = per_reward[name]
             good = torch.isfinite(values)
             metrics["accuracy"] = float((values[good] >= 1.0 - 1e-9).float().mean()) if bool(good.any()) else math.nan
+            # Dr. GRPO (arXiv 2503.20783 §3.1) reads GRPO's length bias off the wrong answers' length
+            right = good & (values >= 1.0 - 1e-9)
+            wrong = good & ~right
+            for key, rows in (("correct", right), ("incorrect", wrong)):
+                if bool(rows.any()):
+                    metrics[f"response_length/{key}_mean"] = float(lengths[rows].float().mean())
         return metrics
 
     def state_dict(self) -> dict[str, Any]:

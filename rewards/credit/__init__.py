@@ -3,7 +3,18 @@
 Registry: ``CREDIT`` (see :mod:`rewards.credit.base` for the one signature and the two kinds of output).
 """
 
-from rewards.credit import contrastive, implicit, macro, outcome, process, thr, weights  # noqa: F401  (registers)
+from rewards.credit import (  # noqa: F401  (registers)
+    contrastive,
+    contrastive_dpo,
+    contrastive_prompting,
+    implicit,
+    macro,
+    outcome,
+    process,
+    rlp,
+    thr,
+    weights,
+)
 from rewards.credit.base import CREDIT, CreditInputs, LogitsModel, TokenLogProbModel, register_credit
 from rewards.credit.diagnostics import CreditReport, explain
 from rewards.credit.models import CausalLMScorer

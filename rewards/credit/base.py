@@ -67,6 +67,8 @@ class CreditInputs:
     token_rewards: Tensor | None = None  # (B, T) dense rewards to include (e.g. a KL-in-reward penalty)
     logits: Tensor | None = None  # (B, T, V) rollout-policy logits predicting each response token (THR)
     hidden: Tensor | None = None  # (B, T, D) final hidden states at the positions that predict them (THR)
+    target_ids: Tensor | None = None  # (B, X) long, right-padded: the row's reference answer (RLP's observed text)
+    target_mask: Tensor | None = None  # (B, X) 1 = a real target token
 
     def __post_init__(self) -> None:
         if self.mask.dim() != 2:
@@ -81,6 +83,11 @@ class CreditInputs:
             value = getattr(self, name)
             if value is not None and value.shape != (b, t):
                 raise InputError(f"{name} must be (B, T) = {(b, t)}, got {tuple(value.shape)}")
+        shapes = [None if v is None else tuple(v.shape) for v in (self.target_ids, self.target_mask)]
+        if shapes != [None, None] and (shapes[0] is None or len(shapes[0]) != 2 or shapes[0][0] != b
+                                       or shapes[1] != shapes[0]):
+            raise InputError(f"target_ids and target_mask must be given together, both (B, X) with B = {b}; got "
+                             f"shapes {shapes[0]} and {shapes[1]}")
         check_finite("rewards", self.rewards)
 
     @property
@@ -98,8 +105,12 @@ class CreditInputs:
             raise InputError(f"credit module {module!r} needs {', '.join(missing)} in its inputs")
 
 
-def register_credit(name: str, *, output: CreditOutput, level: str) -> Callable[[F], F]:
-    """Register a credit module, and its kind (``level``) with the core's compatibility check."""
+def register_credit(name: str, *, output: CreditOutput, level: str, owns_scale: bool = False) -> Callable[[F], F]:
+    """Register a credit module, and its kind (``level``) with the core's compatibility check.
+
+    ``owns_scale``: the module sets the scale of its token rewards itself (``prm_steps``, whose ``normalize`` is
+    GRPO-PRM's group normalisation), so the check refuses an estimator that would divide them by a group std again.
+    """
     if output not in ("rewards", "weights"):
         raise InputError(f"credit output must be 'rewards' or 'weights', got {output!r}")
 
@@ -110,8 +121,8 @@ def register_credit(name: str, *, output: CreditOutput, level: str) -> Callable[
             return torch.where(x.mask != 0, out, torch.zeros((), dtype=out.dtype)).detach()
 
         wrapped.__doc__, wrapped.__name__, wrapped.__wrapped__ = fn.__doc__, fn.__name__, fn  # type: ignore[attr-defined]
-        CREDIT.register(name, wrapped, output=output, level=level)
-        CREDIT_LEVELS.register(name, level)
+        CREDIT.register(name, wrapped, output=output, level=level, owns_scale=owns_scale)
+        CREDIT_LEVELS.register(name, level, owns_scale=owns_scale)
         return fn
 
     return add

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from align.advantages import group_baseline
-from align.ops import selective_log_softmax
+from align.ops import last_token_mask, selective_log_softmax
 from rewards.credit.base import (
     CreditInputs,
     LogitsModel,
@@ -38,12 +38,25 @@ def contrastive_critical(
     negative_model: TokenLogProbModel,
     lam: float = 1.0,
     only_negative: bool = True,
+    eos_token_id: int | None = None,
 ) -> Tensor:
-    """cDPO-style token weights for RL: a completion whose reward is below its group's mean is "negative" and gets
-    w_t = 1 - s_t, so tokens the contrastive model finds unlikely (critical tokens) carry the blame; other
-    completions get 1 (``only_negative``, the authors' default) or s_t."""
+    """cDPO-style token weights (Lin et al., arXiv 2411.19943; spec §6): a completion whose reward is below its
+    group's mean is "negative" and gets w_t = 1 - s_t, so tokens the contrastive model finds unlikely (critical
+    tokens) carry the blame; other completions get 1 (``only_negative``, the authors' default) or s_t.
+
+    The EOS token gets weight 1 in every completion, as in the authors' code (``Critical-Tokens-Matter``,
+    ``train_cdpo.py``: the scores cover the response text, and the EOS the DPO tokenisation appends gets a fixed
+    1 on both sides, 1 - 0 on the rejected one). The EOS is found from the mask: the row's last trainable token.
+    ``eos_token_id=None`` (default) takes that token as the EOS, which holds for every preference pair (the pair
+    builder appends EOS, as TRL) and every completion that finished; with the tokenizer's id, only a last token
+    equal to it counts, so a truncated completion keeps the score of its last token. (B, T).
+    """
     scores = contrastive_scores(x, positive_model, negative_model, lam)
     mean, _ = group_baseline(x.rewards.to(x.dtype), x.group_ids, ddof=0)
     negative = (x.rewards.to(x.dtype) < mean).unsqueeze(-1)
     positive_weight = torch.ones_like(scores) if only_negative else scores
-    return torch.where(negative, 1.0 - scores, positive_weight) * x.float_mask
+    weights = torch.where(negative, 1.0 - scores, positive_weight)
+    eos = last_token_mask(x.mask)  # (B, T)
+    if eos_token_id is not None:
+        eos = eos & (x.token_ids == eos_token_id)
+    return torch.where(eos, torch.ones_like(weights), weights) * x.float_mask

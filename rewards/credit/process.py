@@ -21,7 +21,7 @@ def step_end_positions(ids: Sequence[int], valid: Sequence[bool], is_end: Callab
     return ends
 
 
-@register_credit("prm_steps", output="rewards", level="token_rewards")
+@register_credit("prm_steps", output="rewards", level="token_rewards", owns_scale=True)
 def prm_steps(
     x: CreditInputs,
     *,
@@ -36,7 +36,14 @@ def prm_steps(
     final step at the row's last trainable token. Row i needs exactly one score per step in ``step_rewards[i]``.
     ``normalize=True`` applies GRPO-PRM's normalisation: (r - mean) / (std + eps) over all step scores of the
     group (Bessel std; a lone score gets mean 0, std 1). A reward-to-go estimator then gives each token the sum of
-    the (normalised) scores of its step and all later steps, as the paper's A_{i,t}.
+    the (normalised) scores of its step and all later steps, as the paper's A_{i,t} = sum_{index(j) >= t} r~_j.
+
+    The module owns the scale of its rewards (registered ``owns_scale``): follow it with
+    ``dense_group(scale_by_std=False)``, which is then exactly the paper's A_{i,t} (normalised scores sum to 0 over
+    each group, so the group baseline is 0); ``AlgorithmSpec(credit="prm_steps", advantage="dense_group")`` refuses
+    the default ``scale_by_std=True``, which would divide by the std of the group's returns a second time
+    (step scores [[1, 1], [0]]: A at the first token 0.7071 instead of 1.1547). With ``normalize=False`` the raw
+    PRM scale is kept (reward-to-go of raw scores minus the group mean).
     """
     x.require("prm_steps", "step_rewards")
     assert x.step_rewards is not None

@@ -3,6 +3,7 @@ replaced mid-run; and the `ray job submit` round trip against a head started wit
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -44,6 +46,28 @@ def recipe(tmp_path: Path, **changes: object) -> dict:
     for key, value in changes.items():
         data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
     return data
+
+
+def kill_tagged(variable: str, tag: str) -> None:
+    """SIGKILL every process whose environment has ``variable=tag``, until none is left (Ray's agents and
+    forkserver children outlive a killed raylet for a while)."""
+    import psutil
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        tagged = []
+        for proc in psutil.process_iter():
+            try:
+                if proc.pid != os.getpid() and proc.environ().get(variable) == tag:
+                    tagged.append(proc)
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+        if not tagged:
+            return
+        for proc in tagged:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
+        psutil.wait_procs(tagged, timeout=5)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -96,14 +120,17 @@ def test_killed_rollout_and_reward_workers_are_replaced(tmp_path: Path) -> None:
 
 def test_ray_job_submit_round_trip(tmp_path: Path) -> None:
     if ray.is_initialized():
-        ray.shutdown()  # `ray stop` below ends every Ray process of the machine, an embedded one included
+        ray.shutdown()
     ray_bin = Path(sys.executable).with_name("ray")
     work = tmp_path / "job"
     work.mkdir()
     config = recipe(tmp_path, name="ray_job")
     (work / "recipe.yaml").write_text(yaml.safe_dump(config))
     dashboard = free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "OMP_NUM_THREADS": "1",
+    # every process of this head (and of the job it runs) inherits the tag, so the cleanup below stops this head
+    # alone: `ray stop` would end every Ray process of the machine, another test worker's included
+    tag = f"rj{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "OMP_NUM_THREADS": "1", "ALIGN_TEST_RAY_HEAD": tag,
            "PATH": f"{ray_bin.parent}:{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
     temp_dir = Path("/tmp") / f"rj{os.getpid()}"
@@ -124,7 +151,7 @@ def test_ray_job_submit_round_trip(tmp_path: Path) -> None:
         assert submit.returncode == 0, (submit.stdout + submit.stderr)[-3000:]
         assert "held-out accuracy:" in submit.stdout
     finally:
-        subprocess.run([str(ray_bin), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        kill_tagged("ALIGN_TEST_RAY_HEAD", tag)
         shutil.rmtree(temp_dir, ignore_errors=True)
     runs = list((tmp_path / "runs").glob("ray_job-*"))
     assert len(runs) == 1
@@ -271,7 +298,7 @@ def test_kill_9_of_the_driver_then_resume_matches_an_uninterrupted_run(tmp_path:
     env.pop("RAY_ADDRESS", None)
 
     def stop_orphans() -> None:  # the killed driver's embedded Ray (head, raylet, actors) has no one to stop it
-        subprocess.run(["pkill", "-9", "-f", str(ray_tmp)], check=False)
+        kill_tagged("ALIGN_RAY_TMP", str(ray_tmp))
 
     killed_at, run_dir = kill_9_then_resume(path, reference.run_dir, kill_after=4, env=env, timeout=300,
                                             cleanup=stop_orphans)

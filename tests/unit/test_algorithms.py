@@ -9,8 +9,8 @@ import pytest
 from align.algorithms import CREDIT_LEVELS, GRPO, GSPO, GTPO, PRESETS, SIMPO, AlgorithmSpec, resolve
 from align.errors import IncompatibleSpecError, UnknownNameError
 
-REQUIRED_PRESETS = {"grpo", "dr_grpo", "dapo", "gspo", "gspo_token", "gtpo", "rloo", "reinforce_pp", "dpo", "ipo",
-                    "simpo", "tdpo", "cdpo", "tgdpo"}
+REQUIRED_PRESETS = {"grpo", "dr_grpo", "dapo", "gspo", "gspo_token", "gtpo", "rloo", "reinforce_pp", "ppo", "rto",
+                    "dpo", "ipo", "simpo", "tdpo", "cdpo", "tgdpo"}
 
 # Credit modules register their granularity from above the core; the tests register two stand-ins.
 CREDIT_LEVELS.register("test_token_credit", "token_rewards")
@@ -85,7 +85,8 @@ def test_coherent_token_level_compositions_are_accepted() -> None:
     assert token_credit_gspo.credit == "test_token_credit"
     assert replace(GRPO, credit="test_sequence_credit").credit == "test_sequence_credit"
     assert replace(GRPO, credit="test_weight_credit").credit == "test_weight_credit"  # weights act after GRPO
-    assert replace(GRPO, advantage="gae").advantage == "gae"  # token advantages with a token ratio
+    # token advantages with a token ratio (gae reads a critic, so it comes with one)
+    assert replace(GRPO, advantage="gae", value_loss="clipped_mse", vf_coef=0.5).advantage == "gae"
     assert SIMPO.has_reference is False
 
 

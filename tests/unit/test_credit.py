@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from align.errors import InputError
+from align.models.tiny import build_char_tokenizer
 from align.ops import discounted_returns
 from rewards.credit import CREDIT, CausalLMScorer, CreditInputs, explain
 
@@ -58,6 +59,37 @@ def test_prm_steps_places_scores_at_step_ends() -> None:
         CREDIT.get("prm_steps")(inputs(step_rewards=[[1.0], [0.5, -0.5], [1.0, 1.0]]), delimiter_ids=[9])
     by_predicate = CREDIT.get("prm_steps")(inputs(step_rewards=steps), is_delimiter=lambda t: t == 9)
     close(by_predicate, out)
+
+
+def test_prm_steps_normalised_then_dense_group_is_grpo_prm() -> None:
+    """GRPO process supervision (arXiv 2402.03300 §4.1.3): A_{i,t} = sum of the normalised scores of the steps that
+    end at or after t, normalised once.
+
+    Step scores [[1, 1], [0]] in one group: mean 2/3, Bessel std sqrt(((1/3)^2 * 2 + (2/3)^2) / 2) = sqrt(1/3), so
+    r~ = (1/3)/(sqrt(1/3) + eps) = 0.57735 for each 1 and -(2/3)/(sqrt(1/3) + eps) = -1.1547 for the 0. Row 0 (steps
+    end at the delimiter 9 at 0 and at the last token 2) gets A = [1.1547, 0.57735, 0.57735]; row 1 [-1.1547] * 2.
+    The totals +-1.1547 have group mean 0 (normalised scores sum to 0), so dense_group with scale_by_std=False adds
+    nothing; its default would divide by their Bessel std 1.633 again (0.7071), which the spec check refuses.
+    """
+    from align.advantages import ADVANTAGES
+    from align.algorithms import GRPO
+    from align.errors import IncompatibleSpecError
+
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]], dtype=torch.float64)
+    x = CreditInputs(rewards=torch.zeros(2, dtype=torch.float64), mask=mask,
+                     token_ids=torch.tensor([[9, 4, 5], [4, 5, 0]]), group_ids=torch.zeros(2, dtype=torch.long),
+                     step_rewards=[[1.0, 1.0], [0.0]])
+    with pytest.raises(IncompatibleSpecError, match=r"divide them by the group std a second time.*scale_by_std"):
+        GRPO.with_options(name="grpo_prm", credit="prm_steps", advantage="dense_group")
+    spec = GRPO.with_options(name="grpo_prm", credit="prm_steps", advantage="dense_group",
+                             advantage_kwargs={"scale_by_std": False})
+    rewards = CREDIT.get("prm_steps")(x, delimiter_ids=[9], normalize=True)
+    adv = ADVANTAGES.get(spec.advantage)(rewards, mask, x.group_ids, **spec.advantage_kwargs)
+    one, zero = (1 / 3) / (3 ** -0.5 + 1e-6), -(2 / 3) / (3 ** -0.5 + 1e-6)
+    close(adv, [[2 * one, one, one], [zero, zero, 0]])
+    torch.testing.assert_close(adv[:, 0], torch.tensor([1.1547, -1.1547], dtype=torch.float64), rtol=0, atol=1e-4)
+    twice = ADVANTAGES.get("dense_group")(rewards, mask, x.group_ids)  # what the refused default computes
+    torch.testing.assert_close(twice[:, 0], torch.tensor([0.7071, -0.7071], dtype=torch.float64), rtol=0, atol=1e-4)
 
 
 class Bigram:
@@ -125,23 +157,119 @@ def test_contrastive_critical_exact_and_log_prob_fallback() -> None:
     assert ((approx >= 0) & (approx <= 1)).all()
 
 
-def test_macro_action_segments_share_credit() -> None:
-    ngram = CREDIT.get("macro_action")(inputs(), segmenter="ngram", n=2)
-    close(ngram[0], [0, 2 / 3, 0, 1 / 3, 0])
-    close(ngram[2], [0, 0, 1.0, 0, 1.0])
-    close(ngram.sum(-1), REWARDS)
-    delim = CREDIT.get("macro_action")(inputs(), segmenter="delimiter", delimiter_ids=[9], base="last_token")
-    close(delim[0], [0, 0, 0, 1, 0])  # the only reward sits in the last segment
-    logp = torch.log(torch.tensor([[0.9, 0.5, 0.5, 0.1, 1.0], [0.5, 0.6, 0.7, 1, 1], [1, 0.9, 0.3, 0.8, 0.2]],
-                                  dtype=torch.float64))
-    ppl = CREDIT.get("macro_action")(inputs(logp=logp), segmenter="perplexity")
-    # row 0: surprisal rises 0 -> 1 and 1 -> 3, so every token ends a segment; row 1 never rises: one segment
-    close(ppl[0], [1 / 3, 1 / 3, 0, 1 / 3, 0])
-    close(ppl[1], [0, 0, 0, 0, 0])
-    returns = discounted_returns(ngram, MASK, gamma=1.0)
-    assert returns[0, 0] == returns[0, 1]  # same segment, same reward-to-go
+def test_contrastive_critical_gives_the_eos_weight_one() -> None:
+    """The authors' cDPO code gives the EOS weight 1 on both sides (chosen: scores + [1]; rejected: 1 - (scores +
+    [0])), the scores covering only the response text.
+
+    Log-probs only (the min(1, .) fallback): log p+ = log 0.5, log p- = log 0.8, lam = 1, so s = 0.5^2 / 0.8 = 0.3125
+    and a negative completion's weight is 1 - s = 0.6875. Row 0 (R = 1, positive) is truncated, its last token 8 is
+    no EOS; row 1 (R = 0, negative) ends with EOS id 2 at position 2. With eos_token_id=None the last trainable
+    token of each row is taken as the EOS; with eos_token_id=2 only row 1's is.
+    """
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]], dtype=torch.float64)
+    x = CreditInputs(rewards=torch.tensor([1.0, 0.0], dtype=torch.float64), mask=mask,
+                     token_ids=torch.tensor([[5, 6, 7, 8], [5, 6, 2, 0]]), group_ids=torch.zeros(2, dtype=torch.long),
+                     prompt_ids=torch.ones(2, 2, dtype=torch.long))
+    models = {"positive_model": FixedLogProbs(torch.full((2, 4), 0.5, dtype=torch.float64).log()),
+              "negative_model": FixedLogProbs(torch.full((2, 4), 0.8, dtype=torch.float64).log())}
+    module = CREDIT.get("contrastive_critical")
+    close(module(x, **models), [[1, 1, 1, 1], [0.6875, 0.6875, 1, 0]])
+    close(module(x, **models, only_negative=False), [[0.3125, 0.3125, 0.3125, 1], [0.6875, 0.6875, 1, 0]])
+    close(module(x, **models, only_negative=False, eos_token_id=2),
+          [[0.3125, 0.3125, 0.3125, 0.3125], [0.6875, 0.6875, 1, 0]])
+
+
+class FixedLogProbs:
+    """An auxiliary model whose response log-probs are given: (B, T) -> token_logprobs over prompt + response."""
+
+    def __init__(self, response_logp: torch.Tensor) -> None:
+        self.response_logp = response_logp
+
+    def token_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        prompt = torch.zeros(input_ids.shape[0], input_ids.shape[1] - self.response_logp.shape[1],
+                             dtype=self.response_logp.dtype)
+        return torch.cat([prompt, self.response_logp], 1)
+
+
+def test_macro_action_terminal_outcome_through_dense_group() -> None:
+    """MA-RLHF places the outcome at the end (arXiv 2410.02743; ernie-research/MA-RLHF ``compute_rewards``).
+
+    r = [1, 0], L = 4, n = 2, one group. Macro actions: the n-gram count runs over the tokens before the last one,
+    which is a macro action of its own: {0, 1}, {2}, {3}. Terminal placement: R_i sits on token 3, alone in its
+    macro action, so the macro rewards are row 0: (0, 0, 1), row 1: (0, 0, 0) -> token rewards [0, 0, 0, 1] and
+    [0, 0, 0, 0]. dense_group(scale_by_std=False): returns G = [1, 1, 1, 1] and [0, 0, 0, 0], group mean of the
+    totals (1 + 0)/2 = 0.5, so A = [0.5, 0.5, 0.5, 0.5] and [-0.5, -0.5, -0.5, -0.5]: every token gets the outcome.
+    The former default (R/L = 0.25 per token, summed per macro action of the plain n-gram split {0, 1}, {2, 3})
+    gave row 0 the rewards [0, 0.5, 0, 0.5], hence A = [0.5, 0.5, 0, 0]: no credit for the last macro action.
+    """
+    from align.advantages import ADVANTAGES
+
+    mask = torch.ones(2, 4, dtype=torch.float64)
+    x = CreditInputs(rewards=torch.tensor([1.0, 0.0], dtype=torch.float64), mask=mask,
+                     token_ids=torch.zeros(2, 4, dtype=torch.long), group_ids=torch.zeros(2, dtype=torch.long))
+    rewards = CREDIT.get("macro_action")(x, n=2)
+    close(rewards, [[0, 0, 0, 1], [0, 0, 0, 0]])
+    adv = ADVANTAGES.get("dense_group")(rewards, mask, x.group_ids, scale_by_std=False)
+    close(adv, [[0.5, 0.5, 0.5, 0.5], [-0.5, -0.5, -0.5, -0.5]])
+    # the former placement stays available: R/L = 0.25 per token summed per macro action {0, 1}, {2}, {3}
+    spread = CREDIT.get("macro_action")(x, n=2, outcome_placement="uniform", sigma="sum")
+    close(spread, [[0, 0.5, 0.25, 0.25], [0, 0, 0, 0]])
+    close(ADVANTAGES.get("dense_group")(spread, mask, x.group_ids, scale_by_std=False)[0], [0.5, 0.5, 0, -0.25])
+
+
+def test_macro_action_sigma_averages_each_macro_action() -> None:
+    """Macro reward R_k = sum_{t in omega_k} sigma_t r_t (spec §7; the authors' ``modeling_macro_action``).
+
+    Delimiter 9 and the last-token rule give: row 0 (hole at 2) {0, 1}, {3}; row 1 {0, 1}, {2}; row 2 (position 0
+    off the mask, so its 9 is no delimiter) {1}, {2, 3}, {4}. Dense rewards d plus R_i = [1, 0, 2] on the last token:
+    sigma "equal" (mean): row 0 (0.1 + 0.2)/2 = 0.15, then 0.4 + 1 = 1.4; row 1 (0.3 - 0.1)/2 = 0.1, then 0.5;
+    row 2 -0.2, (0.2 + 0.6)/2 = 0.4, -0.4 + 2 = 1.6. "unit" takes the last token of each macro action, "sum" adds
+    them, "position" weights 1 and 1/2 normalised to 2/3, 1/3 (row 2: 0.2 * 2/3 + 0.6 / 3 = 1/3).
+    """
+    d = torch.tensor([[0.1, 0.2, 5.0, 0.4, 5.0], [0.3, -0.1, 0.5, 5.0, 5.0], [5.0, -0.2, 0.2, 0.6, -0.4]],
+                     dtype=torch.float64)  # 5.0 sits off the mask and must be ignored
+    macro = CREDIT.get("macro_action")
+    x = inputs(token_rewards=d)
+    close(macro(x, segmenter="delimiter", delimiter_ids=[9]),
+          [[0, 0.15, 0, 1.4, 0], [0, 0.1, 0.5, 0, 0], [0, -0.2, 0, 0.4, 1.6]])
+    close(macro(x, segmenter="delimiter", delimiter_ids=[9], sigma="unit"),
+          [[0, 0.2, 0, 1.4, 0], [0, -0.1, 0.5, 0, 0], [0, -0.2, 0, 0.6, 1.6]])
+    close(macro(x, segmenter="delimiter", delimiter_ids=[9], sigma="sum"),
+          [[0, 0.3, 0, 1.4, 0], [0, 0.2, 0.5, 0, 0], [0, -0.2, 0, 0.8, 1.6]])
+    close(macro(x, segmenter="delimiter", delimiter_ids=[9], sigma="position"),
+          [[0, 0.1 * 2 / 3 + 0.2 / 3, 0, 1.4, 0], [0, 0.3 * 2 / 3 - 0.1 / 3, 0.5, 0, 0], [0, -0.2, 0, 1 / 3, 1.6]])
+    returns = discounted_returns(macro(x, n=2), MASK, gamma=1.0)
+    assert returns[2, 1] == returns[2, 2]  # same macro action {1, 2}, same reward-to-go
     with pytest.raises(InputError, match="segmenter must be one of"):
-        CREDIT.get("macro_action")(inputs(), segmenter="parse")
+        macro(inputs(), segmenter="parse")
+    with pytest.raises(InputError, match="sigma must be one of"):
+        macro(inputs(), sigma="mean")
+    with pytest.raises(InputError, match="outcome_placement must be 'terminal'"):
+        macro(inputs(), outcome_placement="last_token")
+
+
+def test_macro_action_perplexity_cuts_where_the_reference_perplexity_rises() -> None:
+    """MA-RLHF's ``ppl_selection``: a macro action starts at token k when ppl_{k+1} > ppl_k, ppl measured under the
+    reference model; the last token is its own macro action.
+
+    Row 0, reference p = [0.9, 0.5, 0.6, 0.2, 0.8, 0.3]: perplexity 1/p rises 0->1, 2->3, 4->5, so macro actions
+    start at 0, 2, 4: {0, 1}, {2, 3}, {4}, {5}. (The former rule cut after the token before each rise: {0}, {1, 2},
+    {3, 4}, {5}.) Dense d = -[0.1 .. 0.6], R = 1, sigma "equal": [0, -0.15, 0, -0.35, -0.5, -0.6 + 1].
+    Row 1 (hole at 2, whose p = 0.01 must be skipped): p over trainable tokens [0.5, 0.9, 0.4, 0.3, 0.7] rises at
+    k = 1 -> 2 and 2 -> 3, so macro actions start at positions 1 and 3: {0}, {1}, {3, 4}, {5}; R = 0:
+    [0.1, 0.2, 0, 0, (0.3 + 0.5)/2, 0.7]. The policy's log-probs (constant) would give no cut at all.
+    """
+    p = torch.tensor([[0.9, 0.5, 0.6, 0.2, 0.8, 0.3], [0.5, 0.9, 0.01, 0.4, 0.3, 0.7]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 0, 1, 1, 1]], dtype=torch.float64)
+    d = torch.tensor([[-0.1, -0.2, -0.3, -0.4, -0.5, -0.6], [0.1, 0.2, 9.0, 0.3, 0.5, 0.7]], dtype=torch.float64)
+    x = CreditInputs(rewards=torch.tensor([1.0, 0.0], dtype=torch.float64), mask=mask,
+                     token_ids=torch.ones(2, 6, dtype=torch.long), group_ids=torch.zeros(2, dtype=torch.long),
+                     prompt_ids=torch.ones(2, 2, dtype=torch.long), token_rewards=d,
+                     logp=torch.full((2, 6), 0.5, dtype=torch.float64).log())
+    out = CREDIT.get("macro_action")(x, segmenter="perplexity", ref_model=FixedLogProbs(p.log()))
+    close(out, [[0, -0.15, 0, -0.35, -0.5, 0.4], [0.1, 0.2, 0, 0, 0.4, 0.7]])
+    with pytest.raises(InputError, match="pass ref_model="):
+        CREDIT.get("macro_action")(x, segmenter="perplexity")
 
 
 def test_gtpo_conflict_weights_need_the_group() -> None:
@@ -224,9 +352,13 @@ def full_inputs() -> tuple[CreditInputs, dict]:
                logp=-torch.rand(3, 5, generator=gen, dtype=torch.float64),
                entropy=torch.rand(3, 5, generator=gen, dtype=torch.float64),
                token_rewards=0.01 * torch.randn(3, 5, generator=gen, dtype=torch.float64),
-               logits=torch.randn(3, 5, 10, generator=gen), hidden=torch.randn(3, 5, 4, generator=gen))
+               logits=torch.randn(3, 5, 10, generator=gen), hidden=torch.randn(3, 5, 4, generator=gen),
+               target_ids=torch.tensor([[1, 2], [3, 0], [4, 4]]), target_mask=torch.tensor([[1, 1], [1, 0], [1, 1]]))
     options = {"implicit_dpo": {"dpo_model": Bigram(1), "ref_model": Bigram(2)},
+               "rlp_information_gain": {"policy_model": Bigram(5), "baseline_model": Bigram(6)},
                "contrastive_critical": {"positive_model": Bigram(3), "negative_model": Bigram(4)},
+               "contrastive_dpo": {"dpo_model": Bigram(1), "reverse_dpo_model": Bigram(2)},
+               "contrastive_prompting": {"ref_model": Bigram(7, vocab=128), "tokenizer": build_char_tokenizer()},
                "prm_steps": {"delimiter_ids": [9]}}
     return x, options
 

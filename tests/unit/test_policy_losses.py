@@ -109,6 +109,11 @@ def test_gtpo_needs_group_inputs_and_options_work() -> None:
 
     _, n_conf = conflict_weights(b["token_ids"], b["mask"], b["group_ids"], torch.sign(adv.sum(-1)))
     torch.testing.assert_close(divided, plain / n_conf.clamp(min=1).unsqueeze(-1).double(), rtol=0, atol=1e-12)
+    # the authors' sum over a prompt's completions: x the group's trainable completions (group 0 holds the
+    # zero-length row 1, so 3 of its 4 rows count; groups 1 and 2 have 4)
+    summed, _ = gtpo(full, entropy_coef=0.0, sum_over_group=True)
+    factor = torch.tensor([3.0] * 4 + [4.0] * 8, dtype=torch.float64).unsqueeze(-1)
+    torch.testing.assert_close(summed, plain * factor, rtol=0, atol=1e-12)
     unfiltered, stats = gtpo(PolicyInputs(b["logp"], b["logp"], adv, b["mask"], token_ids=b["token_ids"],
                                           group_ids=b["group_ids"], entropy=b["entropy"] + 5.0),
                              entropy_threshold=None, entropy_coef=0.0)

@@ -158,7 +158,7 @@ def test_gradients_flow_only_through_policy_log_probs_on_the_mask() -> None:
 
 def test_errors_are_clear() -> None:
     p = pair_batch(5)
-    with pytest.raises(UnknownNameError, match="known: cdpo, dpo"):
+    with pytest.raises(UnknownNameError, match=r"did you mean 'dpo'.* known: .*cdpo, dpo"):
         F.preference_loss("dpoo", **core_kwargs(p))
     bad = core_kwargs(p)
     bad["chosen_logp"] = bad["chosen_logp"].clone()

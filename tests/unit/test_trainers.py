@@ -95,6 +95,25 @@ def test_response_forward_scores_only_the_completion_positions_and_its_gradients
         torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5)
 
 
+def test_entropy_is_taken_from_the_raw_logits_unless_asked_for_the_sampling_temperature() -> None:
+    """GTPO's official code filters and shifts by the entropy of the raw logits (temperature 1), whatever the sampling
+    temperature. Logits (0, ln 3) give p = (1/4, 3/4) and H = -(1/4 ln 1/4 + 3/4 ln 3/4) = 0.5623351; at the sampling
+    temperature 0.5 the logits are (0, 2 ln 3), p = (1/10, 9/10), H = 0.3250830 and log p(token 1) = ln 0.9."""
+    from types import SimpleNamespace
+
+    def model(input_ids, attention_mask, position_ids, logits_to_keep):
+        step = torch.tensor([0.0, float(torch.log(torch.tensor(3.0)))], dtype=torch.float64)
+        return SimpleNamespace(logits=step.expand(input_ids.shape[0], logits_to_keep, 2))
+
+    args = (model, torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2), torch.ones(1, 3, dtype=torch.long),
+            torch.ones(1, 3))
+    logp, raw, _ = response_forward(*args, temperature=0.5, with_entropy=True)
+    _, sampled, _ = response_forward(*args, temperature=0.5, with_entropy=True, entropy_temperature=None)
+    torch.testing.assert_close(raw, torch.full((1, 3), 0.5623351, dtype=torch.float64), rtol=0, atol=1e-6)
+    torch.testing.assert_close(sampled, torch.full((1, 3), 0.3250830, dtype=torch.float64), rtol=0, atol=1e-6)
+    torch.testing.assert_close(logp, torch.full((1, 3), 0.9, dtype=torch.float64).log(), rtol=0, atol=1e-6)
+
+
 def test_prompt_sampler_resumes_exactly() -> None:
     a = PromptSampler(10, seed=1)
     first = a.next(7) + a.next(7)  # crosses an epoch

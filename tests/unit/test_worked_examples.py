@@ -221,3 +221,28 @@ def test_gtpo_shifted_advantage() -> None:
     for i, (a, w, n) in enumerate(zip(shifted, weights, lengths, strict=True)):
         close(-logp.grad[i, :n], [a * wt / n / 4 for wt in w])
     close(torch.tensor(metrics["entropy_filtered_frac"]), 0.25)
+
+
+@pytest.mark.parametrize("sum_over_group", [False, True])
+def test_gtpo_averages_completions_by_default_and_sums_them_as_the_authors_on_request(sum_over_group: bool) -> None:
+    """The same example, G = 4 completions of one prompt: A'_i = A_i - 0.1 <H>_i = [0.5 - 0.02, -0.5 - 0.05, filtered
+    (<H> = 0.9 > 0.7), 0.5 - 0.07]. Default (the preset): per-completion losses averaged,
+    J = (1/4) sum_i A'_i sum_t lambda_{i,t} / L_i = (1/4)(0.48 * 6/3 - 0.55 * 2/5 + 0 + 0.43 * 7/4) = 0.373125,
+    and the gradient of token (i, t) is A'_i lambda_{i,t} / L_i / 4. The authors' code sums the G per-completion
+    losses (``sum_over_group=True``): every value and gradient is G = 4 times larger, J = 1.4925.
+    """
+    ids, mask, groups, _ = gtpo_batch()
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0], dtype=torch.float64)
+    adv = F.advantages("dr_grpo", rewards=rewards, mask=mask, group_ids=groups)
+    entropy = torch.tensor([0.2, 0.5, 0.9, 0.7], dtype=torch.float64).unsqueeze(-1).expand_as(mask).clone()
+    logp = torch.zeros_like(mask, requires_grad=True)
+    spec = PRESETS.get("gtpo").with_options(loss_kwargs={"sum_over_group": sum_over_group})
+    loss, _ = F.policy_objective(spec, logp=logp, old_logp=torch.zeros_like(mask), advantages=adv, mask=mask,
+                                 entropy=entropy, token_ids=ids, group_ids=groups)
+    loss.backward()
+    factor = 4.0 if sum_over_group else 1.0
+    close(-loss.detach(), factor * 0.373125)
+    shifted, lengths = [0.48, -0.55, 0.0, 0.43], [3, 5, 2, 4]
+    weights = [[2, 2, 2], [0, 0, 1, 1, 0], [0, 1], [2, 2, 1, 2]]
+    for i, (a, w, n) in enumerate(zip(shifted, weights, lengths, strict=True)):
+        close(-logp.grad[i, :n], [factor * a * wt / n / 4 for wt in w])
