@@ -41,8 +41,10 @@ typecheck: venv
 contracts: venv
 	$(BIN)/lint-imports
 
+# Two pytest processes on the two cores (tools/run_tests.sh): the Ray tests one after another in one, the rest in
+# the other (two Ray sessions at once would share a temp dir and the cores).
 unit: venv
-	$(BIN)/pytest -q --durations=40
+	tools/run_tests.sh $(BIN)/pytest
 
 test: lint typecheck contracts unit
 

@@ -72,12 +72,3 @@ def loop_returns(token_rewards: torch.Tensor, mask: torch.Tensor, gamma: float) 
                 running = float(token_rewards[i, t]) + gamma * running
                 out[i, t] = running
     return out
-
-
-def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (``make test`` runs ``-n 2 --dist loadgroup``) every test that starts Ray (the
-    integration suite, and any test marked ``ray``) runs on one worker, one after another: a second Ray session
-    beside one would share its temp dir and its cores; the other worker takes everything else."""
-    for item in items:
-        if "tests/integration/" in str(item.fspath) or item.get_closest_marker("ray") is not None:
-            item.add_marker(pytest.mark.xdist_group("ray"))

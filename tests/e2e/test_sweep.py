@@ -19,7 +19,7 @@ from align.cli import app
 from align.manifest import load_manifest
 
 ROOT = Path(__file__).resolve().parents[2]
-pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.xdist_group("ray")]
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 
 def recipes(tmp_path: Path) -> tuple[Path, Path]:
