@@ -48,6 +48,7 @@ from align.trainers.optim import build_optimizer, build_scheduler
 from align.trainers.strategy import Reference, Strategy
 
 CACHE_VERSION = 1
+VALUE_LR_FACTOR = 10.0  # a critic's head learns this much faster than the policy unless learner.value_lr says
 TINY_NEEDS_A_TASK = ("recipe key 'model.path': 'tiny' builds a model for a synthetic task; set data.task or point "
                      "model.path at a model directory")
 
@@ -451,14 +452,18 @@ def make_learner(recipe: Recipe, spec: AlgorithmSpec, model: Any,
     """The recipe's learner over ``model``: the core's optimiser and schedule, applied by ``strategy(model,
     optimizer, scheduler)`` (plain torch in-process, DeepSpeed on a Ray rank); the reference policy when the
     algorithm reads one. An algorithm with a critic trains ``model`` wrapped with a value head
-    (:class:`~align.trainers.critic.ActorCritic`, its head at ``learner.value_lr``); ``model`` itself stays the
+    (:class:`~align.trainers.critic.ActorCritic`, its head at ``learner.value_lr``, else VALUE_LR_FACTOR x lr: a
+    zero-initialised head at an RLHF policy's lr would hardly move); ``model`` itself stays the
     policy that the engine samples and the run saves."""
     learner = recipe.learner
     reference = Reference(model, lora=recipe.lora.enabled) if spec.has_reference else None
     if spec.value_loss is not None:  # after the reference: a frozen copy of the policy needs no value head
         model = ActorCritic(model)
+    value_lr = learner.value_lr
+    if spec.value_loss is not None and value_lr is None:
+        value_lr = VALUE_LR_FACTOR * learner.lr
     optimizer = build_optimizer(model, lr=learner.lr, weight_decay=learner.weight_decay, betas=learner.betas,
-                                value_lr=learner.value_lr)
+                                value_lr=value_lr)
     scheduler = build_scheduler(optimizer, kind=learner.scheduler, warmup_steps=learner.warmup_steps,
                                 total_steps=learner.steps)
     applied = strategy(model, optimizer, scheduler)

@@ -257,8 +257,9 @@ class LearnerSection(_Section):
     # (both runtimes; the SFT warm start and credit modules' auxiliary models run in fp32)
     mixed_precision: Literal["no", "bf16"] = "no"
     beta: float | None = None  # preference losses: shorthand for algorithm.overrides.preference_kwargs.beta
-    # algorithms with a critic (ppo, rto): the value head's learning rate; null = lr. A head that starts at zero
-    # learns little at an RLHF policy's lr (1e-6); OpenRLHF trains its critic 18x faster (9e-6 vs 5e-7)
+    # algorithms with a critic (ppo, rto): the value head's learning rate; null = 10 x lr (VALUE_LR_FACTOR). A head
+    # that starts at zero learns little at an RLHF policy's lr (1e-6); OpenRLHF trains its critic 18x faster (9e-6
+    # vs 5e-7), and 10x is what the ppo recipe measured best here
     value_lr: float | None = Field(None, gt=0)
 
     @field_validator("betas", mode="before")

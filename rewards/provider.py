@@ -5,6 +5,7 @@ importing this package."""
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -118,7 +119,14 @@ class RecipeRewards:
         if recipe.credit is None or recipe.credit.name != wanted:
             raise RecipeError(f"recipe key 'credit': {spec.preference_loss} takes its {_PROVIDES[wanted]} from "
                               f"credit module {wanted!r}; add credit: {{name: {wanted}, options: {{...}}}}")
-        options = _with_scorers({**{k: "base" for k in _AUX_DEFAULTS[wanted]}, **recipe.credit.options}, load_scorer)
+        named = {**{k: "base" for k in _AUX_DEFAULTS[wanted]}, **recipe.credit.options}
+        if wanted == "contrastive_dpo" and named["dpo_model"] == named["reverse_dpo_model"]:
+            # not an error: the tiny recipe uses it as a wiring check; but a run like this trains towards one model
+            warnings.warn(f"aligndistil: dpo_model and reverse_dpo_model are the same model "
+                          f"({named['dpo_model']!r}), so the teacher is that model and w_t = eps, which weights the "
+                          f"KL by beta/eps (100x at the defaults); point them at a DPO run and a reverse-DPO run",
+                          stacklevel=2)
+        options = _with_scorers(named, load_scorer)
         if spec.preference_loss in ONE_BETA:
             options["beta"] = _one_beta(recipe, spec)
         if wanted == "contrastive_dpo":

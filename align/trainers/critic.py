@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 VALUE_HEAD = "value_head"
@@ -53,7 +54,9 @@ class ActorCritic(nn.Module):
         super().__init__()
         self.policy = policy
         reference = next(policy.parameters())
-        self.value_head = nn.Linear(hidden_size(policy), 1, device=reference.device, dtype=reference.dtype)
+        # at least fp32: regression targets near 1 learnt in bf16 would keep ~3 significant digits
+        dtype = torch.promote_types(reference.dtype, torch.float32)
+        self.value_head = nn.Linear(hidden_size(policy), 1, device=reference.device, dtype=dtype)
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
 

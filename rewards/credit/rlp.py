@@ -25,7 +25,9 @@ Decisions here [U]:
   choice changes the logged reward but not the update; only an estimator without a group baseline sees it.
 * The reasoned scorer defaults to ``"policy"``: the learner's current weights (both runtimes serve it through
   ``Learner.logprobs``, at the learner's temperature, i.e. ``rollout.temperature``; keep it 1 for the untempered
-  p_theta). Scoring happens before the step's update, so theta is the policy that sampled the thought.
+  p_theta). Scoring happens before the step's update, so theta is the policy that sampled the thought, except
+  under ``runtime.overlap``: there the rollout was sampled one weight version earlier, and S_pred is scored with
+  the newer weights (a departure from eq. 3 of one version, as for every other quantity of an overlapped step).
 * The sequence reward is spread uniformly over the thought's trainable tokens (each gets R_i / L_i, the row sums to
   R_i), so the module is of kind ``sequence``: RLP's reward is one scalar per thought (eq. 8 broadcasts A_i).
 """
