@@ -50,7 +50,10 @@ class Rollout:
 
     def select(self, keep: Tensor) -> Rollout:
         """The rows where ``keep`` (B,) bool is true."""
-        index = keep.nonzero().squeeze(-1)
+        return self.take(keep.nonzero().squeeze(-1))
+
+    def take(self, index: Tensor) -> Rollout:
+        """The rows ``index`` (long, repeats allowed), in that order."""
         rows = index.tolist()
         return Rollout(
             prompts=[self.prompts[i] for i in rows], completions=[self.completions[i] for i in rows],

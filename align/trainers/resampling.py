@@ -109,18 +109,6 @@ def resample(log_weights: Tensor, group_ids: Tensor, draws: int, *, generator: t
     return rows.gather(1, picked.sort(dim=1).values).reshape(-1)
 
 
-def take_rows(rollout: Rollout, index: Tensor) -> Rollout:
-    """The rows ``index`` (long, repeats allowed) of a rollout, in that order."""
-    rows = index.tolist()
-    return Rollout(
-        prompts=[rollout.prompts[i] for i in rows], completions=[rollout.completions[i] for i in rows],
-        prompt_ids=rollout.prompt_ids[index], prompt_mask=rollout.prompt_mask[index],
-        completion_ids=rollout.completion_ids[index], mask=rollout.mask[index], logp=rollout.logp[index],
-        group_ids=rollout.group_ids[index], weight_version=rollout.weight_version,
-        columns={k: [v[i] for i in rows] for k, v in rollout.columns.items()}, timings=dict(rollout.timings),
-    )
-
-
 def long_horizon_resample(rollout: Rollout, *, temperature: float, samples_per_prompt: int,
                           seed: int) -> tuple[Rollout, dict[str, float]]:
     """``samples_per_prompt`` completions per prompt, resampled from the rollout's candidates towards
@@ -140,7 +128,7 @@ def long_horizon_resample(rollout: Rollout, *, temperature: float, samples_per_p
     unique = torch.tensor([len(set(r)) for r in chosen.tolist()], dtype=torch.float64) / samples_per_prompt
     metrics = {"lhts/ess": float(ess.mean()), "lhts/ess_frac": float((ess / pool).mean()),
                "lhts/unique_frac": float(unique.mean())}
-    return take_rows(rollout, index), metrics
+    return rollout.take(index), metrics
 
 
 @dataclass
