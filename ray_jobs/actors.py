@@ -22,7 +22,7 @@ from align.build import engine_name, engine_options, make_learner, policy_model
 from align.config import Recipe
 from align.trainers.engines import get_engine_factory
 from align.trainers.learner import PairBatch, PolicyBatch, PolicyLearner, PreferenceLearner
-from align.trainers.protocols import Rollout, SamplingParams
+from align.trainers.protocols import Rollout, SamplingParams, TokenSamples
 from ray_jobs.learner_deepspeed import DeepSpeedStrategy, init_distributed
 from ray_jobs.weight_sync import bytes_to_state, state_to_bytes
 
@@ -62,6 +62,13 @@ class RolloutWorker:
                                                 params=params, seed=seed)
         rollout.timings["generate"] = time.perf_counter() - start  # the driver splits its wait into this + Ray
         return rollout
+
+    def generate_tokens(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams,
+                        seed: int) -> TokenSamples:
+        start = time.perf_counter()
+        samples: TokenSamples = self.engine.generate_tokens(prompt_ids, params=params, seed=seed)
+        samples.timings["generate"] = time.perf_counter() - start
+        return samples
 
     def sync(self, payload: bytes, version: int) -> int:
         """Load the learner's weights (the adapter alone under LoRA) and tag later rollouts with ``version``."""

@@ -11,7 +11,7 @@ import torch
 from ray.exceptions import RayActorError
 
 from align.config import Recipe
-from align.trainers.protocols import Rollout, SamplingParams
+from align.trainers.protocols import Rollout, SamplingParams, TokenSamples
 from ray_jobs.actors import RolloutWorker
 from ray_jobs.group import LearnerGroup
 from ray_jobs.placement import Placement, free_port
@@ -95,6 +95,19 @@ class RolloutService:
         return _Submitted(self, self.worker.generate.remote(prompts, columns, samples_per_prompt, params, seed),
                           (prompts, columns, samples_per_prompt, params, seed))
 
+    # TokenEngine: token in, token out (multi-turn and partial rollouts)
+    def generate_tokens(self, prompt_ids: Sequence[Sequence[int]], *, params: SamplingParams,
+                        seed: int | None = None) -> TokenSamples:
+        seed = int(torch.randint(0, 2**31 - 1, (1,))) if seed is None else seed
+        samples: TokenSamples = self._call(lambda w: w.generate_tokens.remote(prompt_ids, params, seed))
+        return samples
+
+    def submit_tokens(self, prompt_ids: Sequence[Sequence[int]], *, params: SamplingParams, seed: int) -> Any:
+        """:meth:`generate_tokens` without waiting: the worker samples while the driver goes on (a weight sync
+        pushed meanwhile runs after it, in call order); ``.result()`` waits."""
+        return _SubmittedTokens(self, self.worker.generate_tokens.remote(prompt_ids, params, seed),
+                                (prompt_ids, params, seed))
+
     def close(self) -> None:
         ray.kill(self.worker, no_restart=True)
 
@@ -110,3 +123,16 @@ class _Submitted:
         except RayActorError:
             prompts, columns, n, params, seed = self.args
             return self.service.generate(prompts, columns, samples_per_prompt=n, params=params, seed=seed)
+
+
+class _SubmittedTokens:
+    def __init__(self, service: RolloutService, ref: Any, args: tuple[Any, ...]) -> None:
+        self.service, self.ref, self.args = service, ref, args
+
+    def result(self) -> TokenSamples:
+        try:
+            samples: TokenSamples = ray.get(self.ref)
+            return samples
+        except RayActorError:  # the worker died: the replacement, resynced to the current weights, samples again
+            prompt_ids, params, seed = self.args
+            return self.service.generate_tokens(prompt_ids, params=params, seed=seed)

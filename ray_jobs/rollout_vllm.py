@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import save_file
 
 from align.trainers.engines import ROLLOUT_ENGINES
-from align.trainers.protocols import Rollout, SamplingParams
+from align.trainers.protocols import Rollout, SamplingParams, TokenSamples
 from align.trainers.sequences import encode, pad_left, pad_right
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process engine: no subprocesses, fast load
@@ -141,6 +141,29 @@ class VLLMRolloutEngine:
                        completion_ids=completion_ids, mask=mask, logp=logp * mask,
                        group_ids=torch.arange(len(prompts)).repeat_interleave(samples_per_prompt),
                        weight_version=self.weight_version, columns=cols)
+
+    def generate_tokens(self, prompt_ids: Sequence[Sequence[int]], *, params: SamplingParams,
+                        seed: int | None = None) -> TokenSamples:
+        """One continuation per row of token ids, token in and token out (:class:`TokenSamples`). Row i is seeded
+        with seed + i: rows that repeat a prompt (a group) must not draw the same sample."""
+        from vllm import SamplingParams as VLLMSampling
+
+        if seed is None:
+            seed = int(torch.randint(0, 2**31 - 1, (1,)))
+        sampling = [VLLMSampling(n=1, max_tokens=params.max_new_tokens, logprobs=0, seed=(seed + i) % 2**31,
+                                 temperature=0.0 if params.greedy else params.temperature,
+                                 top_p=1.0 if params.greedy else params.top_p) for i in range(len(prompt_ids))]
+        outputs = self.llm.generate([{"prompt_token_ids": list(ids)} for ids in prompt_ids], sampling,
+                                    use_tqdm=False, lora_request=self._adapter)
+        token_ids, logp, finished = [], [], []
+        for out in outputs:
+            sample = out.outputs[0]
+            tokens = list(sample.token_ids)
+            token_ids.append(tokens)
+            logp.append([0.0 if params.greedy or not lp else next(iter(lp.values())).logprob
+                         for lp in (sample.logprobs or [])])
+            finished.append(bool(tokens) and tokens[-1] == self.eos_id)
+        return TokenSamples(token_ids=token_ids, logp=logp, finished=finished, weight_version=self.weight_version)
 
     def close(self) -> None:
         self._remove_scratch()

@@ -80,6 +80,29 @@ class RolloutEngine(Protocol):
                  params: SamplingParams, seed: int | None = None) -> Rollout: ...
 
 
+@dataclass
+class TokenSamples:
+    """Token in, token out: one sampled continuation per input row, never re-tokenised (multi-turn rollouts and
+    partial rollouts append these ids to what came before)."""
+
+    token_ids: list[list[int]]  # per row: the sampled ids, up to and including the first EOS
+    logp: list[list[float]]  # per row: their log-probs under the sampling policy (at its temperature)
+    finished: list[bool]  # per row: ended with EOS (False: stopped at max_new_tokens)
+    weight_version: int  # the policy version that sampled them
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class TokenEngine(Protocol):
+    """An engine that continues token ids (one sample per row): what multi-turn and partial rollouts drive."""
+
+    def generate_tokens(self, prompt_ids: Sequence[Sequence[int]], *, params: SamplingParams,
+                        seed: int | None = None) -> TokenSamples: ...
+
+
+class PendingTokens(Protocol):
+    def result(self) -> TokenSamples: ...
+
+
 class PendingRollout(Protocol):
     def result(self) -> Rollout: ...
 

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from align.trainers.precision import Precision, autocast
-from align.trainers.protocols import Rollout, SamplingParams
+from align.trainers.protocols import Rollout, SamplingParams, TokenSamples
 from align.trainers.sequences import encode, mask_after_eos, pad_left
 
 
@@ -40,6 +40,29 @@ class HFRolloutEngine:
         with torch.random.fork_rng(devices=devices), autocast(self.precision, self.model):
             torch.manual_seed(seed)
             return self._generate_all(prompts, columns, samples_per_prompt, params)
+
+    @torch.no_grad()
+    def generate_tokens(self, prompt_ids: Sequence[Sequence[int]], *, params: SamplingParams,
+                        seed: int | None = None) -> TokenSamples:
+        """One continuation per row of token ids, token in and token out (:class:`TokenSamples`): each row's
+        sampled ids up to and including its first EOS, with their log-probs at the sampling temperature."""
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices, enabled=seed is not None), autocast(self.precision, self.model):
+            if seed is not None:
+                torch.manual_seed(seed)
+            ids, mask = pad_left(prompt_ids, self.pad_id)
+            token_ids: list[list[int]] = []
+            logp: list[list[float]] = []
+            finished: list[bool] = []
+            for s in range(0, len(prompt_ids), self.batch_size):
+                new, new_logp = self._generate(ids[s : s + self.batch_size], mask[s : s + self.batch_size], params)
+                keep = mask_after_eos(new, self.eos_id)
+                for row, row_logp, row_keep in zip(new, new_logp, keep, strict=True):
+                    n = int(row_keep.sum())
+                    token_ids.append(row[:n].tolist())
+                    logp.append(row_logp[:n].tolist())
+                    finished.append(bool(n) and int(row[n - 1]) == self.eos_id)
+        return TokenSamples(token_ids=token_ids, logp=logp, finished=finished, weight_version=self.weight_version)
 
     def _generate_all(self, prompts: Sequence[str], columns: Mapping[str, Sequence[Any]], samples_per_prompt: int,
                       params: SamplingParams) -> Rollout:
