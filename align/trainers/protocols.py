@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import torch
 from torch import Tensor
 
 from align.errors import AlignError
@@ -40,9 +41,57 @@ class Rollout:
     weight_version: int  # the policy version the engine sampled with
     columns: dict[str, list[Any]] = field(default_factory=dict)  # dataset columns per row (e.g. "answer")
     timings: dict[str, float] = field(default_factory=dict)  # seconds measured where the rollout ran ("generate")
+    # (B, T) long: the policy version that sampled each token (partial rollouts span versions; rows from several
+    # generation batches differ); None: every token was sampled at weight_version
+    token_versions: Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.completions)
+
+    def row_versions(self) -> Tensor:
+        """(B,) long: the oldest policy version that sampled any of each row's trainable tokens."""
+        if self.token_versions is None:
+            return torch.full((len(self),), self.weight_version, dtype=torch.long)
+        big = torch.iinfo(torch.long).max
+        oldest = torch.where(self.mask != 0, self.token_versions, big).min(-1).values
+        return torch.where(oldest == big, self.token_versions.max(-1).values, oldest)
+
+    @staticmethod
+    def concat(parts: Sequence[Rollout]) -> Rollout:
+        """The rows of several rollouts, in order (prompts left-padded and completions right-padded to the widest);
+        group ids are renumbered so groups of different parts never merge; weight_version is the oldest."""
+        if len(parts) == 1:
+            return parts[0]
+        pad = 0  # padded positions are never attended to (prompt) or scored (completion)
+        p_width = max(r.prompt_ids.shape[1] for r in parts)
+        t_width = max(r.completion_ids.shape[1] for r in parts)
+
+        def left(x: Tensor, value: float) -> Tensor:
+            return torch.nn.functional.pad(x, (p_width - x.shape[1], 0), value=value)
+
+        def right(x: Tensor, value: float) -> Tensor:
+            return torch.nn.functional.pad(x, (0, t_width - x.shape[1]), value=value)
+
+        groups, offset = [], 0
+        for r in parts:
+            groups.append(r.group_ids - (int(r.group_ids.min()) if len(r) else 0) + offset)
+            offset = int(groups[-1].max()) + 1 if len(r) else offset
+        versions = None
+        if any(r.token_versions is not None for r in parts) or len({r.weight_version for r in parts}) > 1:
+            versions = torch.cat([right(r.token_versions if r.token_versions is not None else
+                                        torch.full_like(r.completion_ids, r.weight_version), 0) for r in parts])
+            versions = versions.long()
+        keys = list(parts[0].columns)
+        return Rollout(
+            prompts=[p for r in parts for p in r.prompts], completions=[c for r in parts for c in r.completions],
+            prompt_ids=torch.cat([left(r.prompt_ids, pad) for r in parts]),
+            prompt_mask=torch.cat([left(r.prompt_mask, 0) for r in parts]),
+            completion_ids=torch.cat([right(r.completion_ids, pad) for r in parts]),
+            mask=torch.cat([right(r.mask, 0) for r in parts]), logp=torch.cat([right(r.logp, 0) for r in parts]),
+            group_ids=torch.cat(groups), weight_version=min(r.weight_version for r in parts),
+            columns={k: [v for r in parts for v in r.columns[k]] for k in keys},
+            timings={k: sum(r.timings.get(k, 0.0) for r in parts) for k in parts[0].timings},
+            token_versions=versions)
 
     def token_lists(self) -> list[list[int]]:
         """Each completion's trainable token ids, in order."""
@@ -61,6 +110,7 @@ class Rollout:
             completion_ids=self.completion_ids[index], mask=self.mask[index], logp=self.logp[index],
             group_ids=self.group_ids[index], weight_version=self.weight_version,
             columns={k: [v[i] for i in rows] for k, v in self.columns.items()}, timings=dict(self.timings),
+            token_versions=None if self.token_versions is None else self.token_versions[index],
         )
 
 
