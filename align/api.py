@@ -37,6 +37,7 @@ from align.components import RewardsProvider, check_runtime, get_runtime, reward
 from align.config import OptionValueError, Recipe, RecipeError, check_option_values, load_recipe, recipe_from_dict
 from align.data.loading import load_preference_dataset
 from align.data.tasks import TASKS
+from align.envs.build import check_environment
 from align.errors import AlignError
 from align.models.named import is_named_model, named_model_dir
 from align.runs import TrainResult, run
@@ -72,6 +73,7 @@ def load_plugins_and_check(recipe: Recipe) -> None:
     :class:`RecipeError` naming the key otherwise. Nothing here loads weights or builds the SFT model."""
     provider = rewards_provider()
     provider.check(recipe)
+    check_environment(recipe)  # rollout.environment: its name and options, now that plugins are loaded
     spec = recipe.algorithm_spec()  # credit granularity vs estimator, now that credit modules are registered
     _check_task_options(recipe)
     if spec.kind == "policy":

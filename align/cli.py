@@ -116,7 +116,14 @@ def _print_registries(reward_registries: dict[str, list[str]]) -> None:
     from align.advantages import ADVANTAGES
     from align.algorithms import PRESETS
     from align.data.tasks import TASKS
-    from align.losses import KL_ESTIMATORS, POLICY_LOSSES, PREFERENCE_LOSSES, REDUCERS, VALUE_LOSSES
+    from align.losses import (
+        KL_ESTIMATORS,
+        POLICY_LOSSES,
+        PREFERENCE_LOSSES,
+        REDUCERS,
+        ROLLOUT_CORRECTIONS,
+        VALUE_LOSSES,
+    )
 
     table = Table(title="align registries")
     table.add_column("registry")
@@ -125,13 +132,22 @@ def _print_registries(reward_registries: dict[str, list[str]]) -> None:
                             ("reducers", REDUCERS), ("KL estimators", KL_ESTIMATORS),
                             ("advantage estimators", ADVANTAGES), ("value losses", VALUE_LOSSES),
                             ("preference losses", PREFERENCE_LOSSES),
+                            ("rollout corrections", ROLLOUT_CORRECTIONS),
                             ("tasks", TASKS)):
         table.add_row(label, ", ".join(registry.names()))
     for label, names in reward_registries.items():
         table.add_row(label, ", ".join(names))
+    from align.envs import ENVIRONMENTS
+
+    table.add_row("environments (rollout.environment)", ", ".join(ENVIRONMENTS.names()))
     # sampling schemes are recipe keys, not registered parts; listed so that every method has its line here
     table.add_row("sampling (rollout.*)", "temperature (per token), top_p, long_horizon_temperature (sequence level: "
                   "p(y|x)^(1/T), long-horizon temperature scaling)")
+    table.add_row("dynamic sampling (algorithm.*)", "max_generation_batches (DAPO refill: draw generation batches "
+                  "until a step holds prompts_per_step informative groups)")
+    table.add_row("asynchrony (runtime.*)", "overlap (one step ahead), max_staleness (rollouts up to k weight versions "
+                  "ahead, older rows dropped), partial_rollouts + partial_chunk_tokens (generations continue across "
+                  "weight updates, each token tagged with its version)")
     Console().print(table)
 
     from align.models.named import NAMED_MODELS

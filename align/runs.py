@@ -30,6 +30,8 @@ from align.build import (
 from align.components import Parts, RunPlan, check_runtime, get_runtime, rewards_provider
 from align.config import Recipe
 from align.data.loading import load_preference_dataset
+from align.envs.build import with_environment
+from align.losses import RolloutCorrection
 from align.trainers.checkpoint import latest_checkpoint
 from align.trainers.controller import Controller, Schedule
 from align.trainers.metrics import MetricsLogger, read_metrics
@@ -70,7 +72,7 @@ def run(recipe: Recipe, spec: AlgorithmSpec, *, resume: str | Path | bool, log: 
         if spec.kind == "preference":
             workload, evaluate, probe_prompts = _preference(recipe, parts, tokenizer)
         else:
-            workload, evaluate, probe_prompts = _policy(recipe, spec, parts, tokenizer)
+            workload, evaluate, probe_prompts = _policy(recipe, spec, parts, tokenizer, warn)
         run_dir = run_dir or new_run_dir(recipe)
         logger = MetricsLogger(run_dir, tensorboard=recipe.logging.tensorboard, backends=recipe.logging.backends,
                                project=recipe.logging.project, config=recipe.model_dump(mode="json"), warn=warn)
@@ -152,8 +154,8 @@ def _write_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _policy(recipe: Recipe, spec: AlgorithmSpec, parts: Parts,
-            tokenizer: Any) -> tuple[PolicyWorkload, Callable[[], dict[str, float]], list[str] | None]:
+def _policy(recipe: Recipe, spec: AlgorithmSpec, parts: Parts, tokenizer: Any,
+            log: Callable[[str], None]) -> tuple[PolicyWorkload, Callable[[], dict[str, float]], list[str] | None]:
     train, test = (with_rendered_prompts(d, tokenizer, recipe) for d in load_data(recipe))
     provider = rewards_provider()
     verifier = provider.verifier(recipe)
@@ -161,18 +163,26 @@ def _policy(recipe: Recipe, spec: AlgorithmSpec, parts: Parts,
     columns = {c: train[c] for c in train.column_names if c != "prompt"}
     if recipe.credit is not None:  # credit modules may score the reference answer's tokens (rlp_information_gain)
         columns[ANSWER_IDS] = encode(tokenizer, [str(a) for a in train["answer"]])
+    correction = recipe.algorithm.rollout_correction  # on every step when named (else overlap's is_level / is_cap)
+    # rollout.environment: multi-turn episodes over the placed engine's generate_tokens, run here on either runtime
+    engine, rewards = with_environment(recipe, parts.engine, parts.rewards, tokenizer)
     workload = PolicyWorkload(
-        spec=spec, engine=parts.engine, rewards=parts.rewards, learner=parts.learner, prompts=train["prompt"],
+        spec=spec, engine=engine, rewards=rewards, learner=parts.learner, prompts=train["prompt"],
         columns=columns,
         sampler=PromptSampler(len(train), recipe.seed), prompts_per_step=recipe.rollout.prompts_per_step,
         samples_per_prompt=recipe.rollout.samples_per_prompt,
         sampling=SamplingParams(max_new_tokens=recipe.rollout.max_new_tokens, temperature=recipe.rollout.temperature,
                                 top_p=recipe.rollout.top_p),
-        credit=parts.credit, accuracy_reward=provider.accuracy_reward(recipe), overlap=recipe.runtime.overlap,
+        credit=parts.credit, accuracy_reward=provider.accuracy_reward(recipe),
+        max_staleness=recipe.runtime.staleness(),
+        partial_chunk_tokens=recipe.runtime.chunk_tokens(recipe.rollout.max_new_tokens), tokenizer=tokenizer,
         is_level=recipe.runtime.is_level, is_cap=recipe.runtime.is_cap,
+        rollout_correction=None if correction is None else RolloutCorrection(correction.name,
+                                                                              dict(correction.options)),
         max_reward_failure_share=recipe.guards.max_reward_failure_share, max_empty_steps=recipe.guards.max_empty_steps,
         long_horizon_temperature=recipe.rollout.long_horizon_temperature,
-        long_horizon_candidates=recipe.rollout.candidates())
+        long_horizon_candidates=recipe.rollout.candidates(),
+        max_generation_batches=recipe.algorithm.generation_batches(), log=log)
 
     def evaluate() -> dict[str, float]:
         return {"eval/accuracy": greedy_eval(parts.policy(), tokenizer, test, verifier,

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from align.envs.protocol import TURN_ENDS, TURN_REWARDS
 from align.trainers.protocols import ANSWER_IDS, CreditResult, RewardResult, Rollout
 from rewards.combine import RewardBatch, RewardComposer
 from rewards.credit.base import CREDIT, CreditInputs
@@ -78,7 +79,8 @@ class CreditModuleFunction:
         inputs = CreditInputs(rewards=rewards.to(torch.float32), mask=rollout.mask, token_ids=rollout.completion_ids,
                               group_ids=rollout.group_ids, prompt_ids=rollout.prompt_ids,
                               prompt_mask=rollout.prompt_mask, logp=logp, entropy=entropy,
-                              token_rewards=token_rewards, target_ids=target_ids, target_mask=target_mask)
+                              token_rewards=token_rewards, target_ids=target_ids, target_mask=target_mask,
+                              turn_rewards=rollout.columns.get(TURN_REWARDS), turn_ends=rollout.columns.get(TURN_ENDS))
         return CreditResult(values=self.module(inputs, **self.options), output=self.output)
 
 

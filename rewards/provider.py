@@ -90,6 +90,9 @@ class RecipeRewards:
                                                                      CREDIT.names()))
         _check_credit_options(recipe.credit.name, recipe.credit.options)
         _check_run_inputs(recipe.credit.name, recipe.credit.options)
+        if recipe.credit.name == "turn_rewards" and recipe.rollout.environment is None:
+            raise RecipeError("recipe key 'credit.name': turn_rewards places the per-turn rewards of multi-turn "
+                              "rollouts; set rollout.environment (e.g. {name: calculator}) or use another module")
         if recipe.credit.name in ("prm_steps", "thr") and recipe.algorithm.spec().kind == "policy":
             needs = ("step scores from a process reward model" if recipe.credit.name == "prm_steps"
                      else "the policy's logits and hidden states")

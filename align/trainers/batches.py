@@ -13,9 +13,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from align.losses import StepNormalizer
+from align.losses import RolloutCorrection, StepNormalizer
 
-OffPolicy = Literal["token", "sequence"]
+OffPolicy = Literal["token", "sequence"]  # runtime.is_level: what runtime.overlap's stale rows are weighted with
 
 
 @dataclass(frozen=True)
@@ -33,8 +33,9 @@ class PolicyBatch:
     ref_logp: Tensor | None = None  # (B, T) when a KL term sits in the loss
     old_values: Tensor | None = None  # (B, T) V_old(s_t): the critic's values on the rollout, before the update
     returns: Tensor | None = None  # (B, T) the critic's targets (GAE: A_t + V_old(s_t), un-whitened)
-    off_policy: OffPolicy | None = None  # sampled by an older policy: importance-weight the advantages
-    is_cap: float = 2.0
+    # the engine-vs-learner correction of this step (None: none): the learner recomputes pi_old and weights the
+    # advantages (align/losses/rollout_correction.py)
+    correction: RolloutCorrection | None = None
     standin: bool = False  # a rank with no rows of its own: one row at loss scale 0 (collectives need a backward)
 
     def __len__(self) -> int:
@@ -48,6 +49,16 @@ class PolicyBatch:
                        ref_logp=None if self.ref_logp is None else self.ref_logp[rows],
                        old_values=None if self.old_values is None else self.old_values[rows],
                        returns=None if self.returns is None else self.returns[rows])
+
+    @staticmethod
+    def correction_for(lag: int, named: RolloutCorrection | None, level: OffPolicy = "token",
+                       cap: float = 2.0) -> RolloutCorrection | None:
+        """The correction of a step whose rollout lags the learner by ``lag`` weight versions: ``named``
+        (``algorithm.rollout_correction``) on every step when set; else, on stale rows only (``runtime.overlap``),
+        ``tis`` (``level`` token) or ``geo_tis`` (``level`` sequence) capped at ``cap``; else none."""
+        if named is not None:
+            return named
+        return RolloutCorrection.legacy(level, cap) if lag > 0 else None
 
     def shards(self, world_size: int) -> list[PolicyBatch]:
         """One share per rank: whole groups dealt round-robin (GTPO's conflict weights need the whole group); a rank

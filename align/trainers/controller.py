@@ -5,8 +5,9 @@
 
 The parts arrive through the core's protocols (:mod:`align.trainers.protocols`): the same loop drives them in one
 process (``backend: local``) or behind Ray actors (``backend: ray``). Checkpoints hold the learner's part and the
-loop's state (data order, weight version, RNG), written by :func:`~align.trainers.checkpoint.save_checkpoint`
-whole or not at all; a resumed run continues exactly where the checkpoint left it.
+loop's state (data order, weight version, RNG, the generation batches in flight), written by
+:func:`~align.trainers.checkpoint.save_checkpoint` whole or not at all; a resumed run continues exactly where the
+checkpoint left it.
 """
 
 from __future__ import annotations
@@ -106,9 +107,9 @@ class Controller:
 
     def _step(self, step: int) -> dict[str, float]:
         started = time.perf_counter()
-        # no rollout in flight over a checkpoint (or past the end): a resume then continues exactly
-        prefetch = step != self.schedule.steps and step % self.schedule.checkpoint_every != 0
-        collected = self.workload.collect(step, self.version, prefetch)
+        # the steps left after this one: a workload samples ahead (runtime.max_staleness) for those only, so nothing
+        # is in flight when the run ends; what is in flight at a checkpoint is saved with it (Workload.state_dict)
+        collected = self.workload.collect(step, self.version, self.schedule.steps - step)
         metrics = dict(collected.metrics)
         if collected.batch is None:  # nothing to train on (every row dropped): the weights stay as they are
             metrics["time/step"] = time.perf_counter() - started
@@ -151,7 +152,8 @@ def step_timings(metrics: dict[str, float], total: float) -> dict[str, float]:
     forward, the critic's V_old forward (PPO) and the learner's compute (the slowest rank: forward, backward,
     all-reduce, optimiser); everything else (Ray dispatch and object transfer, serialisation, advantage estimation,
     weight sync) is overhead. With
-    ``runtime.overlap`` generation runs during the previous step, so only the part the loop waited for counts."""
+    ``runtime.max_staleness`` (``overlap``) generation runs during earlier steps, so only the part the loop waited
+    for counts."""
     generate = min(metrics.get("time/rollout", 0.0), metrics.get("time/generate", 0.0))
     reward = metrics.get("time/reward_compute", metrics.get("time/reward", 0.0))
     work = (generate + reward + metrics.get("time/reference", 0.0) + metrics.get("time/critic", 0.0)

@@ -2,7 +2,7 @@
 
 A learner owns a model and a :class:`Strategy` that applies gradients: :class:`TorchStrategy` in-process (the
 local runtime), a DeepSpeed engine on each Ray rank (``ray_jobs.learner_deepspeed``). Everything else (micro-batches
-of whole groups, inert-group skipping, the off-policy importance weights, the policy and preference losses, the
+of whole groups, inert-group skipping, the rollout correction's weights, the policy and preference losses, the
 statistics) is here, so a rank of the Ray runtime computes exactly what the local runtime computes.
 
 The step-wide normaliser (:class:`~align.losses.StepNormalizer`) and the step's pair count arrive with the batch,
@@ -25,6 +25,7 @@ from torch import Tensor
 
 from align.algorithms import AlgorithmSpec
 from align.losses import PREFERENCE_LOSSES, PolicyInputs, PreferenceInputs
+from align.losses.rollout_correction import PREFIX as CORRECTION
 from align.objective import active_rows, policy_step_loss, value_step_loss
 from align.ops import masked_fill_zero
 from align.trainers.batches import OffPolicy, PairBatch, PolicyBatch
@@ -43,14 +44,18 @@ __all__ = ["InProcessLearner", "OffPolicy", "PairBatch", "PolicyBatch", "PolicyL
 ADDITIVE = ("loss", "pg_loss", "kl", "vf_loss")  # shares of the step's loss: they add up over micro-batches and ranks
 _WEIGHTS = ("update/active_tokens", "update/tokens", "update/rows", "update/active_rows", "update/pairs")
 _SAME_ON_EVERY_RANK = ("grad_norm", "lr")
+_EXTREMES = {f"{CORRECTION}ratio_max": max, f"{CORRECTION}ratio_min": min}  # the step's: over its shares' extremes
+_PER_TOKEN_OF_ALL = ("is/", CORRECTION)  # computed over every token of the share (skipped rows too)
 
 
 def merge_stats(parts: Sequence[dict[str, float]]) -> dict[str, float]:
     """The step's statistics from those of its shares (one part in-process, one per rank on Ray).
 
     Loss terms add up; per-token statistics are weighted by the tokens each share put through the model
-    (``is/*``: by all its tokens; preference stats by its pairs); ``grad_norm`` and ``lr`` are global already;
-    the skipped share is counted in rows. ``time/learner_compute`` is the slowest share (they run in parallel).
+    (``is/*`` and ``rollout_correction/*``: by all its tokens; preference stats by its pairs), except the extremes
+    ``rollout_correction/ratio_max`` (the largest share's maximum) and ``ratio_min`` (the smallest minimum), from
+    shares with tokens; ``grad_norm`` and ``lr`` are global already; the skipped share is counted in rows.
+    ``time/learner_compute`` is the slowest share (they run in parallel).
     """
     keys = sorted({k for p in parts for k in p} - set(_WEIGHTS))
     out: dict[str, float] = {}
@@ -65,8 +70,11 @@ def merge_stats(parts: Sequence[dict[str, float]]) -> dict[str, float]:
             out[key] = next(v for v in values if v is not None)
         elif key == "time/learner_compute":
             out[key] = max(v for v in values if v is not None)
+        elif key in _EXTREMES:  # a stand-in share (no tokens of its own) reports no extreme of the step
+            counted = [v for v, w in zip(values, tokens, strict=True) if v is not None and w > 0]
+            out[key] = _EXTREMES[key](counted or [v for v in values if v is not None])
         else:
-            weights = pairs if any(pairs) else tokens if key.startswith("is/") else active
+            weights = pairs if any(pairs) else tokens if key.startswith(_PER_TOKEN_OF_ALL) else active
             present = [(v, w) for v, w in zip(values, weights, strict=True) if v is not None and w > 0]
             if present:
                 out[key] = sum(v * w for v, w in present) / sum(w for _, w in present)
@@ -172,22 +180,25 @@ class PolicyLearner(_Weights):
         return masked_fill_zero(out.values.float(), batch.mask)
 
     # -- the step -------------------------------------------------------------------------------------------------
-    def _importance_weighted(self, batch: PolicyBatch) -> tuple[PolicyBatch, dict[str, float]]:
-        """Rows sampled by an older policy: the learner's own log-probs before the update become pi_old (the
-        proximal policy of the PPO ratio) and the advantages are weighted by the truncated importance ratio
-        min(pi_learner / pi_rollout, is_cap), per token or per sequence (geometric mean over the row's tokens;
-        truncated IS, Espeholt et al. 2018, arXiv 1802.01561 eq. 1, as used by AReaL's decoupled PPO)."""
-        mask = batch.mask
-        proximal = self.logprobs(batch)  # (B, T)
-        log_w = proximal - batch.logp
-        if batch.off_policy == "sequence":
-            log_w = ((log_w * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)).expand_as(mask)
-        weight = log_w.exp()
-        tokens = mask.sum().clamp(min=1)
-        stats = {"is/weight_mean": float((weight * mask).sum() / tokens),
-                 "is/truncated_frac": float(((weight > batch.is_cap).float() * mask).sum() / tokens)}
-        return replace(batch, advantages=batch.advantages * weight.clamp(max=batch.is_cap) * mask,
-                       logp=proximal), stats
+    def _corrected(self, batch: PolicyBatch) -> tuple[PolicyBatch, dict[str, float]]:
+        """The batch's rollout correction (``batch.correction``, :mod:`align.losses.rollout_correction`): the
+        learner's own log-probs before the update become pi_old (the proximal policy of the PPO ratio; decoupled PPO,
+        arXiv 2110.00641, as AReaL and verl) and the advantages are multiplied by the correction's weights, computed
+        from pi_learner / pi_rollout on each sampled token (truncated, or 0 where a mask rejects a token or a row).
+
+        A rejected token adds exactly 0 to the policy-gradient term (its advantage is 0; the weights are >= 0, so
+        this equals weighting the per-token loss for every loss linear in A, PPO-clip's min included) and still
+        counts in the step's normaliser, which the driver counted over the whole step before any ratio is known, so
+        the ranks' shares stay exact. A KL-in-loss term still acts on it (IcePop's objective masks the surrogate
+        alone). Costs one forward pass without gradient over the batch, on every step the correction runs.
+        ``is/weight_mean`` and ``is/truncated_frac`` (runtime.overlap's names) repeat ``rollout_correction/
+        ratio_mean`` and ``rollout_correction/truncated_frac``."""
+        assert batch.correction is not None
+        proximal = self.logprobs(batch)  # (B, T) pi_old: the learner's own log-probs, before the update
+        weights, stats = batch.correction(proximal, batch.logp, batch.mask)  # (B, T), 0 off the mask
+        stats = {**stats, "is/weight_mean": stats[f"{CORRECTION}ratio_mean"],
+                 "is/truncated_frac": stats[f"{CORRECTION}truncated_frac"]}
+        return replace(batch, advantages=batch.advantages * weights.to(batch.advantages.dtype), logp=proximal), stats
 
     def _micro_batches(self, batch: PolicyBatch, active: Tensor) -> list[Tensor]:
         """Row indices of micro-batches made of whole active groups."""
@@ -221,8 +232,8 @@ class PolicyLearner(_Weights):
         start = time.perf_counter()
         stats: dict[str, float] = {}
         rollout_logp = batch.logp  # (B, T) what the engine sampled with: the gap below is measured against it
-        if batch.off_policy is not None:
-            batch, stats = self._importance_weighted(batch)
+        if batch.correction is not None:
+            batch, stats = self._corrected(batch)
         active = active_rows(self.spec, batch.advantages, batch.mask, batch.group_ids)
         if batch.standin:
             active = torch.zeros_like(active)

@@ -158,7 +158,7 @@ class PendingRollout(Protocol):
 
 
 class AsyncRolloutEngine(RolloutEngine, Protocol):
-    """An engine that can sample while the learner trains (``runtime.overlap``)."""
+    """An engine that can sample while the learner trains (``runtime.max_staleness``, ``runtime.overlap``)."""
 
     def submit(self, prompts: Sequence[str], columns: Mapping[str, Sequence[Any]], *, samples_per_prompt: int,
                params: SamplingParams, seed: int) -> PendingRollout: ...
@@ -238,10 +238,13 @@ class CreditFunction(Protocol):
 
 class Workload(Protocol):
     """What one step of the controller loop feeds the learner (:mod:`align.trainers.workload`): a batch, with its
-    metrics, built from data and the parts; its state (data order) is checkpointed."""
+    metrics, built from data and the parts; its state (data order, generation batches in flight: JSON values and
+    tensors) is checkpointed."""
 
-    def collect(self, step: int, version: int, prefetch: bool) -> Any:
-        """A :class:`~align.trainers.workload.Collected` for ``step`` (policy weights at ``version``)."""
+    def collect(self, step: int, version: int, prefetch: int) -> Any:
+        """A :class:`~align.trainers.workload.Collected` for ``step`` (policy weights at ``version``). ``prefetch``:
+        how many steps the run has left after this one (0 on the last), the most a workload may sample ahead for;
+        a bool reads as 0 or 1."""
         ...
 
     def state_dict(self) -> dict[str, Any]: ...

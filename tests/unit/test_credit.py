@@ -353,7 +353,8 @@ def full_inputs() -> tuple[CreditInputs, dict]:
                entropy=torch.rand(3, 5, generator=gen, dtype=torch.float64),
                token_rewards=0.01 * torch.randn(3, 5, generator=gen, dtype=torch.float64),
                logits=torch.randn(3, 5, 10, generator=gen), hidden=torch.randn(3, 5, 4, generator=gen),
-               target_ids=torch.tensor([[1, 2], [3, 0], [4, 4]]), target_mask=torch.tensor([[1, 1], [1, 0], [1, 1]]))
+               target_ids=torch.tensor([[1, 2], [3, 0], [4, 4]]), target_mask=torch.tensor([[1, 1], [1, 0], [1, 1]]),
+               turn_rewards=[[-0.1, 0.0], [0.3], [0.0, 0.2]], turn_ends=[[1, 3], [2], [2, 4]])  # multi-turn rows
     options = {"implicit_dpo": {"dpo_model": Bigram(1), "ref_model": Bigram(2)},
                "rlp_information_gain": {"policy_model": Bigram(5), "baseline_model": Bigram(6)},
                "contrastive_critical": {"positive_model": Bigram(3), "negative_model": Bigram(4)},
