@@ -183,19 +183,76 @@ def test_a_dead_learner_stops_cleanly_and_the_run_resumes(tmp_path: Path, monkey
     assert [r["step"] for r in read_metrics(resumed.run_dir)] == [0, 1, 2, 3, 4, 5, 6]
 
 
-@pytest.mark.parametrize("level", ["token", "sequence"])
-def test_overlapped_rollouts_are_one_step_off_policy_and_importance_corrected(tmp_path: Path, level: str) -> None:
-    config = recipe(tmp_path, name=f"ray_overlap_{level}", learner={"lr": 1e-3, "steps": 5},
-                    runtime={"backend": "ray", "learners": 2, "reward_workers": 2, "overlap": True, "is_level": level},
-                    checkpoint={"every": 3})
+def test_async_partial_rollouts_with_refill_and_a_named_correction_on_vllm(tmp_path: Path) -> None:
+    """Issue 16's parts together on Ray, with vLLM sampling in the rollout worker: generation batches two versions
+    ahead, continued chunk by chunk across weight updates through generate_tokens (the worker runs a chunk
+    submitted before a sync at the weights before it), DAPO refill, and IcePop on every step; the async counts and
+    versions equal the local runtime's (the same schedule, which the workload drives on both)."""
+    changes = dict(name="ray_async", algorithm={"preset": "dapo", "max_generation_batches": 2,
+                                                "rollout_correction": {"name": "icepop"}},
+                   learner={"lr": 1e-3, "steps": 6}, checkpoint={"every": 3},
+                   runtime={"backend": "ray", "learners": 2, "reward_workers": 2, "max_staleness": 2,
+                            "partial_rollouts": True})
+    result = api.train(recipe(tmp_path, **changes), progress=False, log=lambda _: None)
+    rows = read_metrics(result.run_dir)[1:]
+    trained = [r for r in rows if "loss" in r]
+    assert len(trained) >= 4  # dapo may leave a step empty; most train
+    assert [r["off_policy_lag"] for r in rows][:3] == [0.0, 1.0, 2.0]
+    assert max(r["off_policy_lag"] for r in rows) == 2.0 and rows[-1]["async/in_flight"] == 0
+    for r in rows[2:]:
+        assert r["async/partial_rows_frac"] > 0  # rows begun at one version and finished at a later one
+        assert r["async/token_staleness_mean"] <= r["async/staleness_mean"]
+    for r in rows:
+        assert r["async/samples_submitted"] == r["async/samples_drawn"] + r["async/in_flight_samples"]
+        assert r["dynamic_sampling/generation_batches"] in (1.0, 2.0)
+    for r in trained:  # the named correction runs on every step, on-policy ones too
+        assert 0 <= r["rollout_correction/masked_frac"] <= 1 and r["rollout_correction/ratio_min"] > 0
+        assert r["rollout_correction/kl_k3"] >= 0
+    assert all(r["weight_sync/probe_max_gap"] < 1e-3 for r in trained)
+    local_config = recipe(tmp_path, **{**changes, "name": "local_async",
+                                       "rollout": {"engine": "hf", "engine_options": {}}})
+    local_config["runtime"] = {"backend": "local", "max_staleness": 2, "partial_rollouts": True}
+    local = api.train(local_config, progress=False, log=lambda _: None)
+    local_rows = read_metrics(local.run_dir)[1:]
+    assert [r["off_policy_lag"] for r in local_rows] == [r["off_policy_lag"] for r in rows]
+    assert [r["async/in_flight"] for r in local_rows] == [r["async/in_flight"] for r in rows]
+
+
+class _EchoOk:
+    """Answers every turn with "=ok" until the third, so episodes hold observations whatever the model writes."""
+
+    def reset(self, prompt: str, columns: dict) -> None:
+        self.turns = 0
+
+    def step(self, action: str) -> object:
+        from align.envs import StepResult
+
+        self.turns += 1
+        return StepResult(observation="=ok", reward=0.1 if any(c.isdigit() for c in action) else -0.1,
+                          done=self.turns == 3)
+
+
+def test_multi_turn_episodes_on_ray_with_vllm_are_scored_token_for_token(tmp_path: Path) -> None:
+    """Each turn is one generate_tokens call to the vLLM rollout worker, the environment runs on the driver; the
+    learner ranks, over prompt + turns + observations, give vLLM's log-probs at every model token (no
+    re-tokenisation, observations masked), with one step of overlap."""
+    from align.envs import ENVIRONMENTS, environment
+
+    if "ray_echo_ok" not in ENVIRONMENTS:
+        environment("ray_echo_ok")(_EchoOk)
+    config = recipe(tmp_path, name="ray_multiturn",
+                    rollout={"max_new_tokens": 3, "environment": {"name": "ray_echo_ok", "max_turns": 3}},
+                    algorithm={"preset": "grpo", "overrides": {"advantage": "dense_group", "kl": None,
+                                                               "kl_coef": 0.0}},
+                    credit={"name": "turn_rewards"}, learner={"lr": 1e-3, "steps": 3},
+                    runtime={"backend": "ray", "learners": 2, "reward_workers": 1, "overlap": True})
     result = api.train(config, progress=False, log=lambda _: None)
     rows = read_metrics(result.run_dir)[1:]
-    # the rollout in flight at the checkpoint of step 3 is stored with it (a resume is exact): step 4 lags too
-    assert [r["off_policy_lag"] for r in rows] == [0.0, 1.0, 1.0, 1.0, 1.0]
-    assert "is/weight_mean" not in rows[0]
-    for row in rows[1:]:
-        assert 0.5 < row["is/weight_mean"] < 2.0 and 0 <= row["is/truncated_frac"] <= 1
-    assert all(r["weight_sync/probe_max_gap"] < 1e-3 for r in rows)
+    assert [r["off_policy_lag"] for r in rows] == [0.0, 1.0, 1.0]
+    for r in rows:
+        assert r["multiturn/turns_mean"] == 3.0 and 0.2 < r["multiturn/observation_tokens_frac"] < 0.8
+        assert r["weight_sync/probe_max_gap"] < 1e-3
+    assert rows[0]["logprob_gap/rollout_vs_learner"] < 1e-4  # on-policy: engine and ranks agree token for token
 
 
 def test_credit_modules_run_on_ray_with_auxiliary_models_in_their_own_actors(tmp_path: Path, monkeypatch) -> None:
