@@ -37,7 +37,7 @@ from align.components import RewardsProvider, check_runtime, get_runtime, reward
 from align.config import OptionValueError, Recipe, RecipeError, check_option_values, load_recipe, recipe_from_dict
 from align.data.loading import load_preference_dataset
 from align.data.tasks import TASKS
-from align.envs.build import check_environment
+from align.envs.build import check_environment, observations_for
 from align.errors import AlignError
 from align.models.named import is_named_model, named_model_dir
 from align.runs import TrainResult, run
@@ -84,6 +84,8 @@ def load_plugins_and_check(recipe: Recipe) -> None:
     _check_logging_backends(recipe)
     _check_parts_bind(recipe, spec, provider)
     tokenizer = check_base_model(recipe)
+    if recipe.rollout.environment is not None:  # its observations render with this tokenizer's chat template
+        observations_for(recipe, tokenizer)
     _check_data(recipe, spec, tokenizer)
 
 

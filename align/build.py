@@ -485,6 +485,17 @@ def engine_name(recipe: Recipe) -> str:
     return "vllm" if find_spec("vllm") is not None and recipe.runtime.device.startswith("cuda") else "hf"
 
 
+VLLM_MAX_MODEL_LEN = 2048  # ray_jobs/rollout_vllm.py VLLMRolloutEngine's default max_model_len (align cannot import it)
+
+
+def engine_context(recipe: Recipe) -> int | None:
+    """The rollout engine's context length, prompt included, where it has one (vLLM's ``max_model_len``): a
+    multi-turn episode is cut there instead of failing in the engine. None: no fixed limit (transformers)."""
+    if engine_name(recipe) != "vllm":
+        return None
+    return int(recipe.rollout.engine_options.get("max_model_len", VLLM_MAX_MODEL_LEN))
+
+
 def engine_options(recipe: Recipe) -> dict[str, Any]:
     """``rollout.engine_options`` with what the recipe already says filled in: for vLLM the device, dtype and seed;
     for transformers ``generate`` the learner's mixed precision (sampling under the same autocast as the update,

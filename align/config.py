@@ -545,7 +545,27 @@ class Recipe(_Section):
         if self.credit is not None and spec.credit not in (None, self.credit.name):
             raise ValueError(f"credit.name {self.credit.name!r} differs from the algorithm's credit {spec.credit!r}")
         self._one_rollout_correction(spec)
+        self._row_advantages_stay_whole(spec)
         return self
+
+    def _row_advantages_stay_whole(self, spec: AlgorithmSpec) -> None:
+        """GSPO and GTPO read one advantage per row: a per-token importance weight (a token-level correction, or
+        runtime.is_level: token on stale rows) would make them fail at the first corrected step."""
+        from align.losses import POLICY_LOSSES
+
+        if spec.kind != "policy" or not POLICY_LOSSES.info(spec.policy_loss or "").get("row_advantages"):
+            return
+        named = self.algorithm.rollout_correction
+        if named is not None and ROLLOUT_CORRECTIONS.info(named.name).get("level") == "token":
+            sequence_level = [n for n in ROLLOUT_CORRECTIONS.names()
+                              if ROLLOUT_CORRECTIONS.info(n).get("level") != "token"]
+            raise ValueError(f"algorithm.rollout_correction: {named.name!r} weights each token, but "
+                             f"{spec.policy_loss!r} takes one advantage per sequence; use a sequence-level "
+                             f"correction ({', '.join(sequence_level)})")
+        if named is None and self.runtime.staleness() >= 1 and self.runtime.is_level == "token":
+            raise ValueError(f"runtime.is_level: token weights each token of a stale row, but {spec.policy_loss!r} "
+                             "takes one advantage per sequence; set runtime.is_level: sequence (or name a "
+                             "sequence-level algorithm.rollout_correction)")
 
     def _one_rollout_correction(self, spec: AlgorithmSpec) -> None:
         """algorithm.rollout_correction replaces runtime.is_level / is_cap (overlap's own correction): both would

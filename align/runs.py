@@ -17,6 +17,7 @@ from typing import Any
 
 from align.algorithms import AlgorithmSpec
 from align.build import (
+    engine_context,
     find_resumable_run,
     greedy_eval,
     load_data,
@@ -165,7 +166,8 @@ def _policy(recipe: Recipe, spec: AlgorithmSpec, parts: Parts, tokenizer: Any,
         columns[ANSWER_IDS] = encode(tokenizer, [str(a) for a in train["answer"]])
     correction = recipe.algorithm.rollout_correction  # on every step when named (else overlap's is_level / is_cap)
     # rollout.environment: multi-turn episodes over the placed engine's generate_tokens, run here on either runtime
-    engine, rewards = with_environment(recipe, parts.engine, parts.rewards, tokenizer)
+    engine, rewards = with_environment(recipe, parts.engine, parts.rewards, tokenizer,
+                                       max_context=engine_context(recipe))
     workload = PolicyWorkload(
         spec=spec, engine=engine, rewards=rewards, learner=parts.learner, prompts=train["prompt"],
         columns=columns,

@@ -65,6 +65,9 @@ class RolloutService:
 
     def _push(self, worker: Any, version: int) -> None:
         if self.broadcast_specs is not None:  # no bytes through the object store
+            # the worker runs calls in order: let the generations queued ahead of this sync (runtime.max_staleness)
+            # finish first, so rank 0's send never waits on them inside the group's timeout
+            ray.get(worker.pid.remote())
             ray.get([self.learners.ranks[0].send.remote(version),
                      worker.receive.remote(self.broadcast_specs, version)])
         else:

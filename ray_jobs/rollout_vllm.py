@@ -162,7 +162,9 @@ class VLLMRolloutEngine:
             token_ids.append(tokens)
             logp.append([0.0 if params.greedy or not lp else next(iter(lp.values())).logprob
                          for lp in (sample.logprobs or [])])
-            finished.append(bool(tokens) and tokens[-1] == self.eos_id)
+            # vLLM also stops on every end id of the model's generation config (Qwen2.5's <|endoftext|>,
+            # Llama-3's <|end_of_text|>), not only the tokenizer's: it says why it stopped
+            finished.append(sample.finish_reason == "stop")
         return TokenSamples(token_ids=token_ids, logp=logp, finished=finished, weight_version=self.weight_version)
 
     def close(self) -> None:

@@ -71,16 +71,11 @@ def check_environment(recipe: Recipe) -> None:
                           f"{' '.join(str(err).split())[:200]}") from None
 
 
-def with_environment(recipe: Recipe, engine: RolloutEngine, rewards: RewardFunction,
-                     tokenizer: Any) -> tuple[RolloutEngine, RewardFunction]:
-    """The engine and rewards the workload drives: as placed, or wrapped for ``rollout.environment``."""
+def observations_for(recipe: Recipe, tokenizer: Any) -> Observations:
+    """How ``rollout.environment``'s observations become tokens with this tokenizer (building it checks that its
+    chat template can render them: ``align validate`` calls this once the tokenizer loads)."""
     env = recipe.rollout.environment
-    if env is None:
-        return engine, rewards
-    if not callable(getattr(engine, "generate_tokens", None)):
-        raise RecipeError(f"recipe key 'rollout.environment': the rollout engine ({type(engine).__name__}) has no "
-                          "generate_tokens (token in, token out), which multi-turn rollouts drive; use engine hf or "
-                          "vllm")
+    assert env is not None
     style = env.observation_format
     if style == "auto":  # prompts rendered with the chat template: observations are chat messages too
         style = "chat" if recipe.data.chat_template else "text"
@@ -90,11 +85,26 @@ def with_environment(recipe: Recipe, engine: RolloutEngine, rewards: RewardFunct
                         else TextObservations(tokenizer))
     except AlignError as err:
         raise RecipeError(f"recipe key 'rollout.environment.observation_format': {err}") from None
+    return observations
+
+
+def with_environment(recipe: Recipe, engine: RolloutEngine, rewards: RewardFunction, tokenizer: Any, *,
+                     max_context: int | None = None) -> tuple[RolloutEngine, RewardFunction]:
+    """The engine and rewards the workload drives: as placed, or wrapped for ``rollout.environment``.
+    ``max_context``: the engine's context length (vLLM's max_model_len), which no episode may outgrow."""
+    env = recipe.rollout.environment
+    if env is None:
+        return engine, rewards
+    if not callable(getattr(engine, "generate_tokens", None)):
+        raise RecipeError(f"recipe key 'rollout.environment': the rollout engine ({type(engine).__name__}) has no "
+                          "generate_tokens (token in, token out), which multi-turn rollouts drive; use engine hf or "
+                          "vllm")
+    observations = observations_for(recipe, tokenizer)
     factory, options = ENVIRONMENTS.get(env.name), dict(env.options)
     multi_turn = MultiTurnEngine(engine, lambda: factory(**options), tokenizer,  # type: ignore[arg-type]
                                  max_turns=env.max_turns, max_total_tokens=env.max_total_tokens,
                                  max_observation_tokens=env.max_observation_tokens, observations=observations,
-                                 completion=env.completion, name=env.name)
+                                 completion=env.completion, name=env.name, max_context=max_context)
     return multi_turn, EnvironmentRewards(rewards)
 
 

@@ -114,6 +114,11 @@ class Calculator:
         for key, template in (("result_template", result_template), ("error_template", error_template)):
             if template.count("{}") != 1:
                 raise ValueError(f"{key} must hold one {{}} where the value goes, got {template!r}")
+            try:
+                template.format("0")
+            except (IndexError, KeyError, ValueError) as err:  # another field ({unit}) or a stray brace
+                raise ValueError(f"{key} must hold only the {{}} where the value goes (write other braces as "
+                                 f"{{{{ and }}}}), got {template!r} ({type(err).__name__}: {err})") from None
         if not max_abs > 0 or max_chars < 1:
             raise ValueError(f"max_abs must be > 0 and max_chars >= 1, got {max_abs} and {max_chars}")
         self.open_tag, self.close_tag = open_tag, close_tag

@@ -126,6 +126,15 @@ def stop_length(ids: Sequence[int], tokenizer: Any, stops: Sequence[str]) -> int
     return None  # only the whole decodes to it (a tokenizer whose prefixes decode differently): no cut
 
 
+def _stop_strings(env: Environment, name: str) -> tuple[str, ...]:
+    """The environment's ``stop`` strings; a bare string would split into characters, so it is refused."""
+    stop = getattr(env, "stop", ())
+    if isinstance(stop, str) or not all(isinstance(s, str) and s for s in stop):
+        raise InputError(f"environment {name!r}: stop must be a tuple of non-empty strings (e.g. stop = "
+                         f"(\"</calc>\",)), got {stop!r}")
+    return tuple(stop)
+
+
 @dataclass
 class _Row:
     """One episode as it grows."""
@@ -154,12 +163,13 @@ class MultiTurnEngine:
     """:class:`~align.trainers.protocols.RolloutEngine` that runs each sampled row as an episode of ``make_env()``
     over ``engine``'s :meth:`generate_tokens` (module docstring: what ends a turn and an episode, what the rollout
     holds). ``max_total_tokens``: the most completion tokens (model and observation) of a row; None: no cap beyond
-    ``max_turns`` turns. ``max_observation_tokens``: an observation's text is cut to this many tokens."""
+    ``max_turns`` turns. ``max_observation_tokens``: an observation's text is cut to this many tokens.
+    ``max_context``: the engine's context length; a row never outgrows it (prompt included)."""
 
     def __init__(self, engine: TokenEngine, make_env: Callable[[], Environment], tokenizer: Any, *,
                  max_turns: int = 4, max_total_tokens: int | None = None, max_observation_tokens: int | None = 256,
                  observations: Observations | None = None, completion: CompletionText = "final_turn",
-                 name: str = "environment") -> None:
+                 name: str = "environment", max_context: int | None = None) -> None:
         if max_turns < 1 or (max_total_tokens is not None and max_total_tokens < 1):
             raise InputError(f"max_turns and max_total_tokens must be >= 1, got {max_turns} and {max_total_tokens}")
         if completion not in ("final_turn", "transcript"):
@@ -169,6 +179,7 @@ class MultiTurnEngine:
         self.max_observation_tokens = max_observation_tokens
         self.observations: Observations = observations or TextObservations(tokenizer)
         self.completion, self.name = completion, name
+        self.max_context = max_context  # prompt + episode tokens the engine can hold (vLLM's max_model_len)
         self.pad_id = tokenizer.pad_token_id
 
     @torch.no_grad()
@@ -179,7 +190,7 @@ class MultiTurnEngine:
         prompt_ids = encode(self.tokenizer, repeated)
         rows = [self._start(ids, prompt, {k: v[i] for k, v in cols.items()}, i)
                 for i, (ids, prompt) in enumerate(zip(prompt_ids, repeated, strict=True))]
-        stops = tuple(getattr(rows[0].env, "stop", ())) if rows else ()
+        stops = _stop_strings(rows[0].env, self.name) if rows else ()
         seed = int(torch.randint(0, 2**31 - 1, (1,))) if seed is None else seed
         seeds = torch.Generator().manual_seed(seed)  # one seed per turn, the same for the same rollout seed
         versions: list[int] = []
@@ -209,7 +220,12 @@ class MultiTurnEngine:
         return _Row(prompt_ids=list(prompt_ids), env=env)
 
     def _room(self, row: _Row) -> int:
-        return 2**31 if self.max_total_tokens is None else self.max_total_tokens - len(row.ids)
+        """Tokens the row may still add: under max_total_tokens, and within the engine's context (an episode cut
+        there is marked truncated, as at max_total_tokens, instead of failing in the engine at the next turn)."""
+        room = 2**31 if self.max_total_tokens is None else self.max_total_tokens - len(row.ids)
+        if self.max_context is not None:
+            room = min(room, self.max_context - len(row.prompt_ids) - len(row.ids))
+        return max(room, 0)
 
     def _turn(self, row: _Row, index: int, turn: int, ids: Sequence[int], logp: Sequence[float], eos: bool,
               stops: tuple[str, ...], max_new_tokens: int) -> None:

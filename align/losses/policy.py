@@ -148,7 +148,7 @@ def _sequence_log_ratio(x: PolicyInputs) -> Tensor:
     return masked_mean(x.logp - x.old_logp, x.mask, dim=-1).clamp(max=_MAX_SEQ_LOG_RATIO)
 
 
-@POLICY_LOSSES.register("gspo", ratio="sequence", inert_at_zero_advantage=True)
+@POLICY_LOSSES.register("gspo", ratio="sequence", inert_at_zero_advantage=True, row_advantages=True)
 def gspo(x: PolicyInputs, *, eps_low: float = 3e-4, eps_high: float = 4e-4) -> tuple[Tensor, Metrics]:
     """GSPO (Zheng et al. 2025, arXiv 2507.18071 eq. 5-7): length-normalised sequence ratio, clipped per sequence.
 
@@ -181,7 +181,8 @@ def gspo_token(x: PolicyInputs, *, eps_low: float = 3e-4, eps_high: float = 4e-4
     return loss, stats
 
 
-@POLICY_LOSSES.register("gtpo", ratio="token", needs=("token_ids", "group_ids", "entropy"))
+@POLICY_LOSSES.register("gtpo", ratio="token", needs=("token_ids", "group_ids", "entropy"),
+                        row_advantages=True)
 def gtpo(
     x: PolicyInputs,
     *,

@@ -148,15 +148,15 @@ def _what_is_kept(run_dir: Path, step: int) -> str:
 
 
 def step_timings(metrics: dict[str, float], total: float) -> dict[str, float]:
-    """Where a step's wall time went. The work is generation (inside the engine), reward compute, the reference
-    forward, the critic's V_old forward (PPO) and the learner's compute (the slowest rank: forward, backward,
-    all-reduce, optimiser); everything else (Ray dispatch and object transfer, serialisation, advantage estimation,
-    weight sync) is overhead. With
+    """Where a step's wall time went. The work is generation (inside the engine), reward compute, DAPO's refill
+    batches (their generation and rewards), the reference forward, the critic's V_old forward (PPO) and the
+    learner's compute (the slowest rank: forward, backward, all-reduce, optimiser); everything else (Ray dispatch
+    and object transfer, serialisation, advantage estimation, weight sync) is overhead. With
     ``runtime.max_staleness`` (``overlap``) generation runs during earlier steps, so only the part the loop waited
     for counts."""
     generate = min(metrics.get("time/rollout", 0.0), metrics.get("time/generate", 0.0))
     reward = metrics.get("time/reward_compute", metrics.get("time/reward", 0.0))
-    work = (generate + reward + metrics.get("time/reference", 0.0) + metrics.get("time/critic", 0.0)
-            + metrics.get("time/learner_compute", 0.0))
+    work = (generate + reward + metrics.get("time/refill", 0.0) + metrics.get("time/reference", 0.0)
+            + metrics.get("time/critic", 0.0) + metrics.get("time/learner_compute", 0.0))
     overhead = max(0.0, total - work)
     return {"time/step": total, "time/overhead": overhead, "time/overhead_frac": overhead / total if total else 0.0}

@@ -54,7 +54,8 @@ class Rollout:
             return torch.full((len(self),), self.weight_version, dtype=torch.long)
         big = torch.iinfo(torch.long).max
         oldest = torch.where(self.mask != 0, self.token_versions, big).min(-1).values
-        return torch.where(oldest == big, self.token_versions.max(-1).values, oldest)
+        # a row with no trainable token (cut before its first) is as old as the rollout, never older
+        return torch.where(oldest == big, self.weight_version, oldest)
 
     @staticmethod
     def concat(parts: Sequence[Rollout]) -> Rollout:

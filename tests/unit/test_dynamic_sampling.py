@@ -93,6 +93,19 @@ def test_refill_draws_until_the_step_is_full_and_keeps_the_first_informative_gro
     assert work.engine.calls[3] == ["i6", "i7"]  # type: ignore[attr-defined]
 
 
+def test_a_refill_batch_holds_the_missing_groups_at_the_rate_seen_plus_one() -> None:
+    work = workload(3)
+    work.prompts_per_step = 4
+    work.prompts = ["i0", "i1", "i2", "u3", "i4", "i5", "i6", "i7"]
+    collected = work.collect(1, 0, prefetch=False)
+    # 3 of 4 informative: 1 missing at rate 3/4 -> ceil(4/3) + 1 = 3 prompts, not a whole batch of 4
+    assert work.engine.calls == [["i0", "i1", "i2", "u3"], ["i4", "i5", "i6"]]  # type: ignore[attr-defined]
+    m = collected.metrics
+    assert m["dynamic_sampling/groups"] == 4 and m["dynamic_sampling/generation_batches"] == 2
+    assert m["dynamic_sampling/wasted_frac"] == pytest.approx(4 / 28)  # u3
+    assert m["dynamic_sampling/discarded_frac"] == pytest.approx(8 / 28)  # i5, i6
+
+
 def test_a_step_that_cannot_fill_trains_on_what_it_has_and_says_so_once() -> None:
     said: list[str] = []
     work = workload(2, log=said)

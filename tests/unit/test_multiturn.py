@@ -138,6 +138,17 @@ def test_max_total_tokens_cuts_the_last_turn_and_drops_an_observation_without_ro
     assert rollout.columns["turn_rewards"] == [[0.5, 0.0]] and rollout.columns["truncated"] == [True]
 
 
+def test_an_episode_never_outgrows_the_engines_context() -> None:
+    """vLLM refuses an input longer than max_model_len: the episode is cut at the context, prompt included, and
+    marked truncated, as at max_total_tokens, instead of failing mid-run at the next turn."""
+    engine, inner = _engine(lambda call, row: ids("abcdef"), max_context=len(ids("p")) + 13)
+    rollout = engine.generate(["p"], {"done_at": [9]}, samples_per_prompt=1, params=SamplingParams(max_new_tokens=6))
+    assert inner.params[1].max_new_tokens == 3 and rollout.completion_ids.shape[1] == 13
+    limit = len(ids("p")) + 13
+    assert all(len(call[0]) + p.max_new_tokens <= limit for call, p in zip(inner.calls, inner.params, strict=True))
+    assert rollout.columns["truncated"] == [True]
+
+
 def test_a_stop_string_ends_the_turn_where_it_completes() -> None:
     class Tool(Echo):
         stop = ("</c>",)
@@ -467,3 +478,19 @@ def test_every_token_engine_takes_the_call_the_multi_turn_engine_makes() -> None
         assert list(params)[:2] == ["self", "prompt_ids"], engine
         assert params["params"].kind is params["seed"].kind is inspect.Parameter.KEYWORD_ONLY, engine
         assert inspect.signature(engine.generate_tokens).return_annotation in ("TokenSamples", TokenSamples)
+
+
+def test_a_calculator_template_with_another_field_is_refused_when_built() -> None:
+    with pytest.raises(ValueError, match="must hold only the"):
+        Calculator(result_template="<r>{}</r> {unit}")
+
+
+def test_a_bare_stop_string_is_refused_not_split_into_characters() -> None:
+    class BareStop(Echo):
+        stop = "</calc>"
+
+    engine = MultiTurnEngine(ScriptedEngine(lambda call, row: ids("ab")), BareStop, TOKENIZER)
+    from align.errors import InputError
+
+    with pytest.raises(InputError, match="stop must be a tuple of non-empty strings"):
+        engine.generate(["p"], {"done_at": [2]}, samples_per_prompt=1, params=SamplingParams(max_new_tokens=4))

@@ -344,3 +344,23 @@ def test_the_learners_legacy_overlap_step_gives_the_old_numbers(monkeypatch, lev
     assert torch.equal(inputs.advantages, expected)
     assert stats["is/weight_mean"] == old_stats["is/weight_mean"]
     assert stats["is/truncated_frac"] == old_stats["is/truncated_frac"]
+
+
+@pytest.mark.parametrize(("algorithm", "runtime", "words"), [
+    ({"preset": "gspo", "rollout_correction": {"name": "icepop"}}, {}, "use a sequence-level correction"),
+    ({"preset": "gtpo", "rollout_correction": {"name": "tis"}}, {}, "use a sequence-level correction"),
+    ({"preset": "gspo"}, {"overlap": True}, "set runtime.is_level: sequence"),
+    ({"preset": "gtpo"}, {"max_staleness": 2}, "set runtime.is_level: sequence"),
+])
+def test_per_token_weights_are_refused_for_losses_with_one_advantage_per_row(algorithm, runtime, words) -> None:
+    """GSPO and GTPO read one advantage per row: a per-token weight would stop the run at its first corrected
+    step, so validate refuses it and names the sequence-level way."""
+    from align.config import RecipeError, recipe_from_dict
+
+    with pytest.raises(RecipeError) as caught:
+        recipe_from_dict({"algorithm": algorithm, "runtime": runtime, "rewards": [{"name": "exact_match"}]})
+    assert words in str(caught.value) and "\n" not in str(caught.value)
+    fixed_runtime = {**runtime, "is_level": "sequence"} if runtime else {}
+    fixed_algorithm = ({**algorithm, "rollout_correction": {"name": "geo_tis"}} if "rollout_correction" in algorithm
+                       else algorithm)
+    recipe_from_dict({"algorithm": fixed_algorithm, "runtime": fixed_runtime, "rewards": [{"name": "exact_match"}]})
