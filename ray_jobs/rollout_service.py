@@ -95,8 +95,9 @@ class RolloutService:
 
     def submit(self, prompts: Sequence[str], columns: Mapping[str, Sequence[Any]], *, samples_per_prompt: int,
                params: SamplingParams, seed: int) -> Any:
-        return _Submitted(self, self.worker.generate.remote(prompts, columns, samples_per_prompt, params, seed),
-                          (prompts, columns, samples_per_prompt, params, seed))
+        return _Submitted(self.worker.generate.remote(prompts, columns, samples_per_prompt, params, seed),
+                          lambda: self.generate(prompts, columns, samples_per_prompt=samples_per_prompt,
+                                                params=params, seed=seed))
 
     # TokenEngine: token in, token out (multi-turn and partial rollouts)
     def generate_tokens(self, prompt_ids: Sequence[Sequence[int]], *, params: SamplingParams,
@@ -108,34 +109,22 @@ class RolloutService:
     def submit_tokens(self, prompt_ids: Sequence[Sequence[int]], *, params: SamplingParams, seed: int) -> Any:
         """:meth:`generate_tokens` without waiting: the worker samples while the driver goes on (a weight sync
         pushed meanwhile runs after it, in call order); ``.result()`` waits."""
-        return _SubmittedTokens(self, self.worker.generate_tokens.remote(prompt_ids, params, seed),
-                                (prompt_ids, params, seed))
+        return _Submitted(self.worker.generate_tokens.remote(prompt_ids, params, seed),
+                          lambda: self.generate_tokens(prompt_ids, params=params, seed=seed))
 
     def close(self) -> None:
         ray.kill(self.worker, no_restart=True)
 
 
 class _Submitted:
-    def __init__(self, service: RolloutService, ref: Any, args: tuple[Any, ...]) -> None:
-        self.service, self.ref, self.args = service, ref, args
+    """A call running on the rollout worker; ``result()`` waits for it. If the worker died meanwhile, ``retry`` runs
+    the same call again through the service (its replacement, resynced to the current weights)."""
 
-    def result(self) -> Rollout:
+    def __init__(self, ref: Any, retry: Callable[[], Any]) -> None:
+        self.ref, self.retry = ref, retry
+
+    def result(self) -> Any:
         try:
-            rollout: Rollout = ray.get(self.ref)
-            return rollout
+            return ray.get(self.ref)
         except RayActorError:
-            prompts, columns, n, params, seed = self.args
-            return self.service.generate(prompts, columns, samples_per_prompt=n, params=params, seed=seed)
-
-
-class _SubmittedTokens:
-    def __init__(self, service: RolloutService, ref: Any, args: tuple[Any, ...]) -> None:
-        self.service, self.ref, self.args = service, ref, args
-
-    def result(self) -> TokenSamples:
-        try:
-            samples: TokenSamples = ray.get(self.ref)
-            return samples
-        except RayActorError:  # the worker died: the replacement, resynced to the current weights, samples again
-            prompt_ids, params, seed = self.args
-            return self.service.generate_tokens(prompt_ids, params=params, seed=seed)
+            return self.retry()
