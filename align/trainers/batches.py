@@ -60,6 +60,26 @@ class PolicyBatch:
             return named
         return RolloutCorrection.legacy(level, cap) if lag > 0 else None
 
+    def trimmed(self) -> PolicyBatch:
+        """The same rows without the padding columns every row has: prompt columns left of the longest prompt and
+        completion columns right of the last trainable token of any row. Exact: a left-padded prompt's positions
+        follow its attention mask, and no scored position attends to a column after it."""
+        if len(self) == 0:
+            return self
+        start = int(self.prompt_mask.any(0).long().argmax()) if bool(self.prompt_mask.any()) else 0
+        scored = self.mask.any(0).nonzero()
+        width = int(scored.max()) + 1 if len(scored) else 1
+        if start == 0 and width == self.mask.shape[1]:
+            return self
+
+        def right(x: Tensor | None) -> Tensor | None:
+            return None if x is None else x[:, :width]
+
+        return replace(self, prompt_ids=self.prompt_ids[:, start:], prompt_mask=self.prompt_mask[:, start:],
+                       completion_ids=self.completion_ids[:, :width], mask=self.mask[:, :width],
+                       logp=self.logp[:, :width], advantages=self.advantages[:, :width],
+                       ref_logp=right(self.ref_logp), old_values=right(self.old_values), returns=right(self.returns))
+
     def shards(self, world_size: int) -> list[PolicyBatch]:
         """One share per rank: whole groups dealt round-robin (GTPO's conflict weights need the whole group); a rank
         left without a group gets a stand-in row that adds nothing."""

@@ -201,8 +201,17 @@ class PolicyLearner(_Weights):
         return replace(batch, advantages=batch.advantages * weights.to(batch.advantages.dtype), logp=proximal), stats
 
     def _micro_batches(self, batch: PolicyBatch, active: Tensor) -> list[Tensor]:
-        """Row indices of micro-batches made of whole active groups."""
+        """Row indices of micro-batches made of whole active groups, the groups taken longest first (by their
+        longest completion, then prompt), so that each micro-batch, trimmed to its own widest row
+        (:meth:`PolicyBatch.trimmed`), holds rows of similar length and little padding."""
         groups = batch.group_ids[active].unique_consecutive()
+        if len(groups) > 1:
+            ends = _row_ends(batch.mask)
+            prompts = batch.prompt_mask.sum(-1)
+            longest = torch.stack([torch.stack([ends[batch.group_ids == g].max(), prompts[batch.group_ids == g].max()])
+                                   for g in groups])  # (groups, 2)
+            order = sorted(range(len(groups)), key=lambda k: (-int(longest[k, 0]), -int(longest[k, 1]), k))
+            groups = groups[torch.tensor(order)]
         sizes = torch.stack([(batch.group_ids == g).sum() for g in groups]) if len(groups) else torch.zeros(0)
         out: list[Tensor] = []
         start = 0
@@ -247,12 +256,17 @@ class PolicyLearner(_Weights):
         sums: dict[str, float] = {}
         weighted: dict[str, float] = {}
         gap_sum = entropy_sum = grad_norm = 0.0
+        real = padded = padded_full = 0.0  # token positions through the model: real, run, at the step's full width
         # eval mode: dropout would make pi_theta differ from the pi_old that sampled (ratio != 1 at mu = 1);
         # gradients flow as usual
         self.strategy.model.eval()
         for update in range(self.updates_per_batch):
             for i, (rows, scale) in enumerate(zip(micro_batches, scales, strict=True)):
-                part = batch.take(rows)
+                part = batch.take(rows).trimmed()
+                if update == 0 and scale:
+                    padded_full += float(len(rows)) * (batch.prompt_ids.shape[1] + batch.mask.shape[1])
+                    padded += float(len(rows)) * (part.prompt_ids.shape[1] + part.mask.shape[1])
+                    real += float(part.prompt_mask.sum()) + float(_row_ends(part.mask).sum())
                 with autocast(self.precision, self.strategy.model):
                     fwd = response_outputs(self.strategy.module, part.prompt_ids, part.prompt_mask,
                                            part.completion_ids, part.mask, temperature=self.temperature,
@@ -271,7 +285,8 @@ class PolicyLearner(_Weights):
                             sums[key] = sums.get(key, 0.0) + float(value)
                         else:
                             weighted[key] = weighted.get(key, 0.0) + share * float(value)
-                    gap_sum += float(((logp.detach() - rollout_logp[rows]).abs() * part.mask).sum())
+                    width = part.mask.shape[1]
+                    gap_sum += float(((logp.detach() - rollout_logp[rows][:, :width]).abs() * part.mask).sum())
                     assert entropy is not None
                     entropy_sum += float((entropy * part.mask).sum())
             grad_norm = self.strategy.optimizer_step()
@@ -284,6 +299,10 @@ class PolicyLearner(_Weights):
                     "update/tokens": 0.0 if batch.standin else float(batch.mask.sum()),
                     "update/rows": 0.0 if batch.standin else float(len(batch)),
                     "update/active_rows": float(active.sum()),
+                    # padding the forward passes ran (each micro-batch trimmed to its widest row), and what they would
+                    # have run at the step's full width
+                    **({"update/padding_frac": 1.0 - real / padded,
+                        "update/padding_frac_untrimmed": 1.0 - real / padded_full} if padded else {}),
                     "time/learner_compute": time.perf_counter() - start})
         return out
 
@@ -366,6 +385,11 @@ class PreferenceLearner(_Weights):
         self.strategy.model.eval()
         with torch.no_grad():
             return self._pass(batch, backward=False)
+
+
+def _row_ends(mask: Tensor) -> Tensor:
+    """(B,) each row's length up to and including its last trainable token (holes counted: observations)."""
+    return mask.flip(-1).cumsum(-1).flip(-1).gt(0).sum(-1)
 
 
 class InProcessLearner:
