@@ -472,7 +472,8 @@ def make_learner(recipe: Recipe, spec: AlgorithmSpec, model: Any,
                                  precision=learner.mixed_precision)
     return PolicyLearner(spec, applied, reference if spec.kl is not None else None,
                          temperature=recipe.rollout.temperature, micro_batch_size=learner.micro_batch_size,
-                         updates_per_batch=learner.updates_per_batch, precision=learner.mixed_precision)
+                         updates_per_batch=learner.updates_per_batch, precision=learner.mixed_precision,
+                         share_prompt=learner.share_prompt)
 
 
 def engine_name(recipe: Recipe) -> str:

@@ -345,6 +345,9 @@ class LearnerSection(_Section):
     # that starts at zero learns little at an RLHF policy's lr (1e-6); OpenRLHF trains its critic 18x faster (9e-6
     # vs 5e-7), and 10x is what the ppo recipe measured best here
     value_lr: float | None = Field(None, gt=0)
+    # run each group's shared prompt once and share its KV cache with the group's completions (exact up to rounding;
+    # false: every row's prompt + completion, as a plain forward)
+    share_prompt: bool = True
 
     @field_validator("betas", mode="before")
     @classmethod

@@ -129,6 +129,10 @@ class PolicyLearner(_Weights):
     micro_batch_size: int = 64
     updates_per_batch: int = 1
     precision: Precision = "no"
+    # each run of identical prompt rows (a group) goes through the model once, its KV cache shared by the group's
+    # completions (align/trainers/shared_prefix.py): the same log-probs and gradients up to rounding, 1.9-2.2x
+    # faster forward + backward on SmolLM2-135M, 1.7x on the tiny model (learner.share_prompt)
+    share_prompt: bool = True
 
     def __post_init__(self) -> None:
         if self.spec.kind != "policy":
@@ -144,9 +148,10 @@ class PolicyLearner(_Weights):
     # -- forward passes without gradient ------------------------------------------------------------------------
     def _forward(self, module: Any, batch: Any, *, with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
         with torch.no_grad(), autocast(self.precision, self.strategy.model):
-            logp, entropy, _ = response_forward(module, batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
-                                                batch.mask, temperature=self.temperature, with_entropy=with_entropy)
-        return logp, entropy
+            out = response_outputs(module, batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.mask,
+                                   temperature=self.temperature, with_entropy=with_entropy,
+                                   share_prompt=self.share_prompt)
+        return out.logp, out.entropy
 
     def logprobs(self, batch: Any) -> Tensor:
         """(B, T) log-probs of ``batch``'s completion tokens under the current weights (a Rollout or a batch)."""
@@ -175,7 +180,7 @@ class PolicyLearner(_Weights):
         self.strategy.model.eval()
         with torch.no_grad(), autocast(self.precision, self.strategy.model):
             out = response_outputs(self.strategy.module, batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
-                                   batch.mask, temperature=self.temperature)
+                                   batch.mask, temperature=self.temperature, share_prompt=self.share_prompt)
         assert out.values is not None
         return masked_fill_zero(out.values.float(), batch.mask)
 
@@ -270,7 +275,7 @@ class PolicyLearner(_Weights):
                 with autocast(self.precision, self.strategy.model):
                     fwd = response_outputs(self.strategy.module, part.prompt_ids, part.prompt_mask,
                                            part.completion_ids, part.mask, temperature=self.temperature,
-                                           with_entropy=True)
+                                           with_entropy=True, share_prompt=self.share_prompt)
                 logp, entropy = fwd.logp, fwd.entropy
                 inputs = PolicyInputs(logp=logp, old_logp=part.logp, advantages=part.advantages, mask=part.mask,
                                       token_ids=part.completion_ids, group_ids=part.group_ids, entropy=entropy)

@@ -95,9 +95,12 @@ def response_outputs(
     with_entropy: bool = False,
     return_logits: bool = False,
     entropy_temperature: float | None = 1.0,
+    share_prompt: bool = False,
 ) -> ResponseOutputs:
     """Log-probs (B, T) of the completion tokens, optionally their entropy (B, T, no grad) and logits (B, T, V),
     and the values (B, T) when ``model`` has a value head (:class:`~align.trainers.critic.ActorCritic`).
+    ``share_prompt=True`` computes each run of identical prompt rows once and shares its KV cache with the run's
+    completions (:func:`~align.trainers.shared_prefix.shared_prefix_outputs`): the same results up to rounding.
 
     Log-probs and returned logits are those of the sampling distribution softmax(z / ``temperature``). The entropy
     is H(softmax(z / ``entropy_temperature``)): by default 1.0, the model's own distribution from the raw logits,
@@ -109,6 +112,12 @@ def response_outputs(
     returned, the log-prob backward writes its gradient into the logits' memory (nothing else reads them), so
     the logits and their gradient share one buffer.
     """
+    if share_prompt:
+        from align.trainers.shared_prefix import shared_prefix_outputs  # it imports this module
+
+        return shared_prefix_outputs(model, prompt_ids, prompt_mask, completion_ids, completion_mask,
+                                     temperature=temperature, with_entropy=with_entropy, return_logits=return_logits,
+                                     entropy_temperature=entropy_temperature)
     t = completion_ids.shape[1]
     input_ids = torch.cat([prompt_ids, completion_ids], 1)
     attention = torch.cat([prompt_mask.long(), torch.ones_like(completion_ids)], 1)

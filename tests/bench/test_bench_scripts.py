@@ -120,3 +120,17 @@ def _has(module: str) -> bool:
     import importlib.util
 
     return importlib.util.find_spec(module) is not None
+
+
+def test_shared_prefix_tiny(tmp_path: Path) -> None:
+    """bench/shared_prefix.py on SmolLM2 at the smallest setting: both paths run and agree on the log-probs."""
+    out = tmp_path / "shared_prefix.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "shared_prefix.py"), "--out", str(out), "--repeats",
+                          "1", "--group-sizes", "4", "--modes", "lora", "--rows", "4", "--answer-tokens", "4"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    payload = json.loads(out.read_text())
+    (result,) = payload["results"]
+    assert result["G"] == 4 and positive(result["unshared_median_s"]) and positive(result["shared_median_s"])
+    assert result["max_abs_logp_gap"] < 1e-3
