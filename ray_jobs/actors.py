@@ -110,6 +110,11 @@ class LearnerRank:
                                      max_grad_norm=recipe.learner.max_grad_norm, rank=rank, world_size=world_size)
 
         self.learner: PolicyLearner | PreferenceLearner = make_learner(recipe, spec, model, strategy)
+        if isinstance(self.learner, PolicyLearner):
+            # Not on DeepSpeed ranks yet: whether a share of rows can share its prompt depends on the rank's rows,
+            # so ranks would run different numbers of model calls, and ZeRO-3 gathers parameters per call
+            # collectively (a mismatch hangs). Every rank runs the plain forward until the decision is agreed.
+            self.learner.share_prompt = False
 
     def step(self, batch: PolicyBatch | PairBatch) -> dict[str, float]:
         return self.learner.step(batch)  # type: ignore[arg-type]

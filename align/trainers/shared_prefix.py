@@ -33,6 +33,7 @@ Shapes: B rows, U distinct prompts (runs), P prompt columns, T completion column
 from __future__ import annotations
 
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,14 +97,32 @@ def shared_prefix_outputs(
     return out
 
 
+_REFUSED: weakref.WeakSet[Any] = weakref.WeakSet()  # models whose forward refused or ignored the cache
+
+
+def _weakly_held(model: Any) -> bool:
+    try:
+        weakref.ref(model)
+    except TypeError:
+        return False
+    return True
+
+
 def _static_reason(model: Any, prompt_mask: Tensor, completion_ids: Tensor, runs: PromptRuns) -> str | None:
     """Why this batch and model are run unshared, found before any forward (None: share)."""
     if runs.count == prompt_mask.shape[0]:
         return "every prompt row is distinct"
     if prompt_mask.shape[1] == 0 or completion_ids.shape[1] == 0 or bool((prompt_mask.sum(-1) == 0).any()):
         return "an empty prompt or no completion"
+    config = getattr(policy_of(model), "config", None)
+    rope = getattr(config, "rope_scaling", None) or getattr(config, "rope_parameters", None) or {}
+    if isinstance(rope, dict) and (rope.get("rope_type") or rope.get("type")) in ("dynamic", "longrope"):
+        # these pick their frequencies from the longest position of each call: a prompt pass alone would rotate the
+        # prompt's keys differently from the whole sequence's
+        return "the model's RoPE scaling depends on each call's length"
+    if _weakly_held(model) and model in _REFUSED:
+        return "the model refused or ignored the KV cache before"
     if isinstance(model, nn.Module) and model.training:
-        config = getattr(policy_of(model), "config", None)
         if (any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules())
                 or float(getattr(config, "attention_dropout", 0.0) or 0.0) > 0):
             return "dropout is active: the unshared forward draws a mask per row"
@@ -137,6 +156,8 @@ def _shared(model: Any, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids:
     head = _forward(model, 1, input_ids=prompt_ids[runs.firsts], attention_mask=mask,
                     position_ids=(mask.cumsum(-1) - 1).clamp(min=0), past_key_values=cache, use_cache=True)
     if head is None or cache.get_seq_length() != p:
+        if _weakly_held(model):  # later calls go straight to the unshared forward, without a wasted prompt pass
+            _REFUSED.add(model)
         warnings.warn("shared_prefix_outputs: the model refused or ignored the KV cache; running every prompt "
                       "unshared", RuntimeWarning, stacklevel=3)
         return None
