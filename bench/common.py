@@ -93,9 +93,8 @@ def count_parameters(model: Any) -> int:
 
 def describe_model(size: str) -> str:
     model, _ = load_model(size)
-    if size in REAL_MODELS:
-        return f"{REAL_MODELS[size]} ({count_parameters(model) / 1e6:.1f}M parameters, vocabulary {model.config.vocab_size})"
-    return f"llama-{size} ({count_parameters(model) / 1e6:.1f}M parameters, vocabulary {model.config.vocab_size})"
+    name = REAL_MODELS.get(size, f"llama-{size}")
+    return f"{name} ({count_parameters(model) / 1e6:.1f}M parameters, vocabulary {model.config.vocab_size})"
 
 
 def versions() -> str:
