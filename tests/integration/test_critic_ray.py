@@ -12,7 +12,7 @@ import torch
 
 ray = pytest.importorskip("ray")
 pytest.importorskip("deepspeed")
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
+pytestmark = [pytest.mark.ray, pytest.mark.ray_beside, pytest.mark.slow]
 
 from safetensors.torch import load_file  # noqa: E402
 

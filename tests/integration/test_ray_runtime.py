@@ -91,8 +91,14 @@ def test_grpo_on_ray_advances_versions_verifies_sync_and_resumes(tmp_path: Path)
     assert [r.get("weight_version") for r in rows[4:]] == [4.0, 5.0]
 
 
+# The tests of failures and of `ray job submit` sample with transformers and, where one rank is enough, run one: what
+# they test does not depend on the engine or the rank count, and each vLLM worker or extra rank costs 15-30 s here.
+HF_ROLLOUT = {"engine": "hf", "engine_options": {}}
+
+
 def test_killed_rollout_and_reward_workers_are_replaced(tmp_path: Path) -> None:
-    config = recipe(tmp_path, name="ray_kill", learner={"lr": 1e-3, "steps": 5}, checkpoint={"every": 10})
+    config = recipe(tmp_path, name="ray_kill", learner={"lr": 1e-3, "steps": 4}, checkpoint={"every": 10},
+                    rollout=HF_ROLLOUT, runtime={"backend": "ray", "learners": 1, "reward_workers": 2})
     killed: list[str] = []
 
     def assassin() -> None:
@@ -114,8 +120,8 @@ def test_killed_rollout_and_reward_workers_are_replaced(tmp_path: Path) -> None:
     thread.join(5)
     assert killed, "no worker was killed: the run ended too fast"
     rows = read_metrics(result.run_dir)
-    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4, 5]
-    assert rows[-1]["weight_version"] == 5.0
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
+    assert rows[-1]["weight_version"] == 4.0
 
 
 def test_ray_job_submit_round_trip(tmp_path: Path) -> None:
@@ -124,7 +130,8 @@ def test_ray_job_submit_round_trip(tmp_path: Path) -> None:
     ray_bin = Path(sys.executable).with_name("ray")
     work = tmp_path / "job"
     work.mkdir()
-    config = recipe(tmp_path, name="ray_job")
+    config = recipe(tmp_path, name="ray_job", rollout=HF_ROLLOUT,
+                    runtime={"backend": "ray", "learners": 1, "reward_workers": 1})
     (work / "recipe.yaml").write_text(yaml.safe_dump(config))
     dashboard = free_port()
     # every process of this head (and of the job it runs) inherits the tag, so the cleanup below stops this head
@@ -163,7 +170,8 @@ def test_a_dead_learner_stops_cleanly_and_the_run_resumes(tmp_path: Path, monkey
     from align.trainers.protocols import LearnerLost
     from ray_jobs.group import LearnerGroup
 
-    config = recipe(tmp_path, name="ray_learner_kill", learner={"lr": 1e-3, "steps": 6}, checkpoint={"every": 2})
+    config = recipe(tmp_path, name="ray_learner_kill", learner={"lr": 1e-3, "steps": 4}, checkpoint={"every": 2},
+                    rollout=HF_ROLLOUT)
     killed: list[str] = []
     save = LearnerGroup.save
 
@@ -180,7 +188,7 @@ def test_a_dead_learner_stops_cleanly_and_the_run_resumes(tmp_path: Path, monkey
     assert killed == ["rank1"]
     run_dir = next((tmp_path / "runs").glob("ray_learner_kill-*"))
     resumed = api.train(config, resume=run_dir, progress=False, log=lambda _: None)
-    assert [r["step"] for r in read_metrics(resumed.run_dir)] == [0, 1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in read_metrics(resumed.run_dir)] == [0, 1, 2, 3, 4]
 
 
 def test_async_partial_rollouts_with_refill_and_a_named_correction_on_vllm(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ import pytest
 
 ray = pytest.importorskip("ray")
 pytest.importorskip("deepspeed")
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
+pytestmark = [pytest.mark.ray, pytest.mark.ray_beside, pytest.mark.slow]
 
 from align import api  # noqa: E402
 from align.trainers.metrics import read_metrics  # noqa: E402
