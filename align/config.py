@@ -346,7 +346,7 @@ class LearnerSection(_Section):
     # vs 5e-7), and 10x is what the ppo recipe measured best here
     value_lr: float | None = Field(None, gt=0)
     # run each group's shared prompt once and share its KV cache with the group's completions (exact up to rounding;
-    # false: every row's prompt + completion, as a plain forward; the local runtime only: Ray ranks run the plain one)
+    # false: every row's prompt + completion, as a plain forward; DeepSpeed ranks agree on the path per forward)
     share_prompt: bool = True
 
     @field_validator("betas", mode="before")

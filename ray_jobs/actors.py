@@ -109,12 +109,10 @@ class LearnerRank:
             return DeepSpeedStrategy(m, optimizer, scheduler, zero_stage=recipe.runtime.zero_stage,
                                      max_grad_norm=recipe.learner.max_grad_norm, rank=rank, world_size=world_size)
 
+        # learner.share_prompt holds here too: whether a rank's rows can share their prompt depends on its rows, and
+        # ZeRO-3 gathers weights collectively in every model call, so the ranks agree on each forward's path
+        # through the strategy (DeepSpeedStrategy.agree_min) and all share or none does
         self.learner: PolicyLearner | PreferenceLearner = make_learner(recipe, spec, model, strategy)
-        if isinstance(self.learner, PolicyLearner):
-            # Not on DeepSpeed ranks yet: whether a share of rows can share its prompt depends on the rank's rows,
-            # so ranks would run different numbers of model calls, and ZeRO-3 gathers parameters per call
-            # collectively (a mismatch hangs). Every rank runs the plain forward until the decision is agreed.
-            self.learner.share_prompt = False
 
     def step(self, batch: PolicyBatch | PairBatch) -> dict[str, float]:
         return self.learner.step(batch)  # type: ignore[arg-type]

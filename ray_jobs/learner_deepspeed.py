@@ -10,6 +10,7 @@ accumulate with DeepSpeed's manual accumulation boundary (one gradient reduction
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,17 @@ class DeepSpeedStrategy:
         value = torch.tensor([count], dtype=torch.long, device=self.engine.device)
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
         return int(value)
+
+    def agree_min(self, values: Sequence[int]) -> list[int]:
+        """The element-wise minimum of ``values`` (K,) over the ranks: one all-reduce on the default group (the
+        engine's, whose ranks gather ZeRO-3 weights together), none for a single rank."""
+        import torch.distributed as dist
+
+        if self.world_size == 1 or not dist.is_initialized():
+            return list(values)
+        value = torch.tensor(list(values), dtype=torch.long, device=self.engine.device)  # NCCL: CUDA; gloo: CPU
+        dist.all_reduce(value, op=dist.ReduceOp.MIN)
+        return [int(v) for v in value.tolist()]
 
     def optimizer_step(self) -> float:
         # ZeRO stage 0 wraps the torch optimiser, which records no norm: take it from the all-reduced gradients

@@ -145,12 +145,18 @@ class PolicyLearner(_Weights):
                              "align.build.make_learner (it wraps the policy in ActorCritic exactly when the algorithm "
                              "has a value_loss)")
 
+    def _sharing(self, module: Any) -> dict[str, Any]:
+        """``response_outputs``' prompt-sharing arguments for a forward on ``module``: ranks agree on sharing
+        through the strategy (ZeRO-3 needs every rank's model calls to match), and the strategy's model is what its
+        module (a DeepSpeed engine) wraps."""
+        return dict(share_prompt=self.share_prompt, agree=self.strategy.agree_min,
+                    unwrapped=self.strategy.model if module is self.strategy.module else None)
+
     # -- forward passes without gradient ------------------------------------------------------------------------
     def _forward(self, module: Any, batch: Any, *, with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
         with torch.no_grad(), autocast(self.precision, self.strategy.model):
             out = response_outputs(module, batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.mask,
-                                   temperature=self.temperature, with_entropy=with_entropy,
-                                   share_prompt=self.share_prompt)
+                                   temperature=self.temperature, with_entropy=with_entropy, **self._sharing(module))
         return out.logp, out.entropy
 
     def logprobs(self, batch: Any) -> Tensor:
@@ -180,7 +186,8 @@ class PolicyLearner(_Weights):
         self.strategy.model.eval()
         with torch.no_grad(), autocast(self.precision, self.strategy.model):
             out = response_outputs(self.strategy.module, batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
-                                   batch.mask, temperature=self.temperature, share_prompt=self.share_prompt)
+                                   batch.mask, temperature=self.temperature,
+                                   **self._sharing(self.strategy.module))
         assert out.values is not None
         return masked_fill_zero(out.values.float(), batch.mask)
 
@@ -275,7 +282,7 @@ class PolicyLearner(_Weights):
                 with autocast(self.precision, self.strategy.model):
                     fwd = response_outputs(self.strategy.module, part.prompt_ids, part.prompt_mask,
                                            part.completion_ids, part.mask, temperature=self.temperature,
-                                           with_entropy=True, share_prompt=self.share_prompt)
+                                           with_entropy=True, **self._sharing(self.strategy.module))
                 logp, entropy = fwd.logp, fwd.entropy
                 inputs = PolicyInputs(logp=logp, old_logp=part.logp, advantages=part.advantages, mask=part.mask,
                                       token_ids=part.completion_ids, group_ids=part.group_ids, entropy=entropy)

@@ -6,7 +6,7 @@ the attention mask (as ``generate`` does), so a left-padded row gets the same lo
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,11 +96,15 @@ def response_outputs(
     return_logits: bool = False,
     entropy_temperature: float | None = 1.0,
     share_prompt: bool = False,
+    agree: Callable[[Sequence[int]], list[int]] | None = None,
+    unwrapped: Any = None,
 ) -> ResponseOutputs:
     """Log-probs (B, T) of the completion tokens, optionally their entropy (B, T, no grad) and logits (B, T, V),
     and the values (B, T) when ``model`` has a value head (:class:`~align.trainers.critic.ActorCritic`).
     ``share_prompt=True`` computes each run of identical prompt rows once and shares its KV cache with the run's
     completions (:func:`~align.trainers.shared_prefix.shared_prefix_outputs`): the same results up to rounding.
+    With it, on several ranks, ``agree`` (the strategy's ``agree_min``) makes every rank share or not together, and
+    ``unwrapped`` is the model inside a wrapper ``model`` such as the DeepSpeed engine (both unused unshared).
 
     Log-probs and returned logits are those of the sampling distribution softmax(z / ``temperature``). The entropy
     is H(softmax(z / ``entropy_temperature``)): by default 1.0, the model's own distribution from the raw logits,
@@ -117,7 +121,7 @@ def response_outputs(
 
         return shared_prefix_outputs(model, prompt_ids, prompt_mask, completion_ids, completion_mask,
                                      temperature=temperature, with_entropy=with_entropy, return_logits=return_logits,
-                                     entropy_temperature=entropy_temperature)
+                                     entropy_temperature=entropy_temperature, agree=agree, unwrapped=unwrapped)
     t = completion_ids.shape[1]
     input_ids = torch.cat([prompt_ids, completion_ids], 1)
     attention = torch.cat([prompt_mask.long(), torch.ones_like(completion_ids)], 1)

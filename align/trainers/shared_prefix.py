@@ -27,6 +27,16 @@ with a warning, a model whose forward refuses ``past_key_values``/``use_cache`` 
 An :class:`~align.trainers.critic.ActorCritic` is supported: its forward passes the cache through to the policy, and
 its values come from the same hidden states (the last prompt position's and the completion positions').
 
+On several ranks (a DeepSpeed learner) ``agree`` (the strategy's ``agree_min``) makes every rank take the same path:
+ZeRO-3 gathers the partitioned weights collectively in every module's forward, so ranks must run as many model
+calls in the same order, while whether a rank's rows can share depends on those rows (a stand-in row, distinct
+prompts, a one-token completion width). Each rank proposes its path, and all share only when all propose the same
+one; otherwise all run unshared. ``model`` may be a wrapper such as the DeepSpeed engine, whose ``config`` is its own:
+``unwrapped`` (the engine's module) is read for the config and mode, and takes the completion pass, while the prompt
+pass goes through ``model``, so the engine's forward (its backward hooks, set up once per forward it runs) wraps one
+call per micro-batch, as in the unshared forward. ZeRO-3's gathering hooks sit on the module and its submodules, so
+they fire for both calls.
+
 Shapes: B rows, U distinct prompts (runs), P prompt columns, T completion columns, V vocabulary.
 """
 
@@ -34,6 +44,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,6 +90,8 @@ def shared_prefix_outputs(
     with_entropy: bool = False,
     return_logits: bool = False,
     entropy_temperature: float | None = 1.0,
+    agree: Callable[[Sequence[int]], list[int]] | None = None,
+    unwrapped: Any = None,
 ) -> ResponseOutputs:
     """:func:`~align.trainers.sequences.response_outputs` (same arguments, same results) with each run of identical
     prompt rows computed once.
@@ -86,15 +99,33 @@ def shared_prefix_outputs(
     prompt_ids, prompt_mask: (B, P) left-padded; completion_ids: (B, T), completion_mask: (B, T) right-padded (the
     mask is not read: pads are scored and masked by the caller, as in ``response_outputs``). Returns logp (B, T),
     entropy (B, T) no grad when asked, logits (B, T, V) / temperature when asked, values (B, T) for an ActorCritic.
+    ``agree``: the element-wise minimum over ranks of a list of ints (``Strategy.agree_min``), called once per call
+    of this function on every rank; None in one process. ``unwrapped``: the model inside a wrapper ``model`` (the
+    DeepSpeed engine's module); None: ``model`` itself.
     """
     options: dict[str, Any] = dict(temperature=temperature, with_entropy=with_entropy, return_logits=return_logits,
                                    entropy_temperature=entropy_temperature)
+    inner = model if unwrapped is None else unwrapped
     runs = prompt_runs(prompt_ids, prompt_mask)
-    cache = None if _static_reason(model, prompt_mask, completion_ids, runs) else _new_cache(model)
-    out = None if cache is None else _shared(model, prompt_ids, prompt_mask, completion_ids, runs, cache, **options)
+    cache = None if _static_reason(inner, prompt_mask, completion_ids, runs) else _new_cache(inner)
+    if agree is not None:
+        cache = _agreed(agree, cache, completion_ids.shape[1])
+    out = None if cache is None else _shared(model, inner, prompt_ids, prompt_mask, completion_ids, runs, cache,
+                                             **options)
     if out is None:
         return response_outputs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, **options)
     return out
+
+
+def _agreed(agree: Callable[[Sequence[int]], list[int]], cache: Any, width: int) -> Any:
+    """``cache`` when every rank proposes this rank's path through the model, else None: every rank runs unshared.
+
+    A path is what the model is called with, in order: 0 unshared (prompt + completion, one call), 1 shared with
+    completions of one token (the prompts alone), 2 shared (the prompts, then the completions). Ranks whose paths
+    differ would call the model differently, so they agree only on a path they all propose."""
+    path = 0 if cache is None else 1 if width == 1 else 2
+    lowest, minus_highest = agree([path, -path])  # one collective for the minimum and the maximum
+    return cache if lowest == -minus_highest else None
 
 
 _REFUSED: weakref.WeakSet[Any] = weakref.WeakSet()  # models whose forward refused or ignored the cache
@@ -148,16 +179,18 @@ def _new_cache(model: Any) -> Any:
     return cache
 
 
-def _shared(model: Any, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor, runs: PromptRuns,
-            cache: Any, *, temperature: float, with_entropy: bool, return_logits: bool,
+def _shared(model: Any, inner: Any, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor,
+            runs: PromptRuns, cache: Any, *, temperature: float, with_entropy: bool, return_logits: bool,
             entropy_temperature: float | None) -> ResponseOutputs | None:
+    """The shared forward: the prompts through ``model``, the completions through ``inner`` (the same model, or the
+    module a wrapper ``model`` runs); None when the model refused or ignored the cache."""
     p, t = prompt_ids.shape[1], completion_ids.shape[1]
     mask = prompt_mask[runs.firsts].long()  # (U, P)
     head = _forward(model, 1, input_ids=prompt_ids[runs.firsts], attention_mask=mask,
                     position_ids=(mask.cumsum(-1) - 1).clamp(min=0), past_key_values=cache, use_cache=True)
     if head is None or cache.get_seq_length() != p:
-        if _weakly_held(model):  # later calls go straight to the unshared forward, without a wasted prompt pass
-            _REFUSED.add(model)
+        if _weakly_held(inner):  # later calls go straight to the unshared forward, without a wasted prompt pass
+            _REFUSED.add(inner)
         warnings.warn("shared_prefix_outputs: the model refused or ignored the KV cache; running every prompt "
                       "unshared", RuntimeWarning, stacklevel=3)
         return None
@@ -169,7 +202,9 @@ def _shared(model: Any, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids:
         lengths = mask.sum(-1)[runs.row_run]  # (B,)
         steps = torch.arange(t - 1, device=completion_ids.device)
         attention = torch.cat([prompt_mask.long(), torch.ones_like(completion_ids[:, 1:])], 1)  # (B, P + T - 1)
-        rest = _forward(model, t - 1, input_ids=completion_ids[:, :-1], attention_mask=attention,
+        # through the wrapped module: a wrapper's forward runs once per micro-batch (the prompt pass), whose token-0
+        # log-prob reaches every loss, so the wrapper's backward hooks fire before any parameter's gradient is done
+        rest = _forward(inner, t - 1, input_ids=completion_ids[:, :-1], attention_mask=attention,
                         position_ids=lengths[:, None] + steps, past_key_values=cache, use_cache=True)
         if rest is None:  # the prompt forward took the same keywords
             raise RuntimeError("the model refused the KV cache it accepted for the prompts")

@@ -4,7 +4,7 @@ DeepSpeed engine on one of several ranks (``ray_jobs.learner_deepspeed``); and t
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
@@ -30,6 +30,12 @@ class Strategy(Protocol):
     def agree(self, count: int) -> int:
         """The largest ``count`` over ranks. Ranks run as many forward passes as the busiest one (with stand-ins
         at loss scale 0), since partitioned weights (ZeRO-3) are gathered collectively in every forward."""
+        ...
+
+    def agree_min(self, values: Sequence[int]) -> list[int]:
+        """The element-wise minimum of ``values`` (K,) over ranks (negate an entry for its maximum); every rank calls
+        it at the same point. Used where ranks must take the same path through the model (as many forward calls,
+        in the same order), such as the shared-prompt forward (:mod:`align.trainers.shared_prefix`)."""
         ...
 
     def scheduler_step(self) -> None: ...
@@ -61,6 +67,9 @@ class TorchStrategy:
 
     def agree(self, count: int) -> int:
         return count
+
+    def agree_min(self, values: Sequence[int]) -> list[int]:
+        return list(values)
 
     def optimizer_step(self) -> float:
         for p in self.params:  # a parameter no loss reached has gradient 0 (the optimiser still steps)

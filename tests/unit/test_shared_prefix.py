@@ -249,6 +249,71 @@ def test_dropout_in_training_mode_and_gradient_checkpointing_run_unshared() -> N
     assert [s[1] for s in shapes] == [unshared_width]
 
 
+# -- several ranks: the agreed path, and a wrapper that hides the model's config -------------------------------------
+def _other_rank(proposes: int, seen: list[list[int]]) -> Any:
+    """``Strategy.agree_min`` over this process and a rank that proposes the path ``proposes``; records the calls."""
+    def agree(values: Any) -> list[int]:
+        seen.append(list(values))
+        return [min(values[0], proposes), min(values[1], -proposes)]
+    return agree
+
+
+def test_ranks_share_only_on_a_path_every_rank_proposes() -> None:
+    tokenizer = build_char_tokenizer()
+    model = _lora(_tiny())
+    batch = _batch(tokenizer)
+    b, p = batch["prompt_ids"].shape
+    t = batch["completion_ids"].shape[1]
+    unshared = _run(response_outputs, model, batch)
+    seen: list[list[int]] = []
+    for other, calls in ((2, [(4, p), (b, t - 1)]), (0, [(b, p + t)]), (1, [(b, p + t)])):
+        shapes, handle = _prompt_rows_seen(model)  # (1: the other rank's completions are one token wide)
+        out = _run(shared_prefix_outputs, model, batch, agree=_other_rank(other, seen))
+        handle.remove()
+        assert shapes == calls, other
+        assert max(_max_gaps(unshared, out).values()) < ATOL
+    assert seen == [[2, -2]] * 3  # one agreement per call: this rank proposes the two-call shared path
+    # a rank that cannot share still takes part in the agreement (the others wait for it), proposing path 0
+    distinct = _batch(tokenizer, [("1=", ["1"]), ("2=", ["2<eos>"]), ("3=", ["33"])])
+    seen.clear()
+    _run(response_outputs, model, distinct, share_prompt=True, agree=_other_rank(2, seen))
+    assert seen == [[0, 0]]
+    one_token = _batch(tokenizer, [("12+3=", ["1", "2", "3"])])
+    seen.clear()
+    _run(shared_prefix_outputs, model, one_token, agree=_other_rank(1, seen))
+    assert seen == [[1, -1]]
+
+
+def test_a_wrapper_runs_the_prompts_and_its_module_the_completions() -> None:
+    """As the DeepSpeed engine: a ``config`` of its own (not the model's), the model as ``module``."""
+    inner = _lora(_tiny())
+
+    class Engine(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.module = inner
+            self.config = {"train_micro_batch_size_per_gpu": 1}
+
+        def forward(self, **kwargs: Any) -> Any:
+            return self.module(**kwargs)
+
+    engine, batch = Engine(), _batch(build_char_tokenizer())
+    calls: list[str] = []
+    handles = [engine.register_forward_pre_hook(lambda module, args: calls.append("engine")),
+               inner.register_forward_pre_hook(lambda module, args: calls.append("module"))]
+    unshared = _run(response_outputs, engine, batch)
+    assert calls == ["engine", "module"]
+    calls.clear()
+    out = _run(response_outputs, engine, batch, share_prompt=True, unwrapped=inner)
+    assert calls == ["engine", "module", "module"]  # one engine forward per micro-batch, as unshared
+    assert max(_max_gaps(unshared, out).values()) < ATOL
+    calls.clear()
+    _run(response_outputs, engine, batch, share_prompt=True)  # the engine's config is no model's: unshared
+    for handle in handles:
+        handle.remove()
+    assert calls == ["engine", "module"]
+
+
 # -- a real model ---------------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_smollm2_shared_prefix_matches_logp_and_the_lora_gradient() -> None:
