@@ -35,7 +35,8 @@ def positive(x: float) -> bool:
 def test_grpo_vs_trl_tiny(tmp_path: Path) -> None:
     pytest.importorskip("trl")
     results = run_bench("grpo_vs_trl", tmp_path, "--size", "tiny", "--rounds", "2", "--steps", "1", "--warmup", "1",
-                        "--max-new-tokens", "4", "--prompts", "2", "--group-size", "4", "--memory")
+                        "--max-new-tokens", "4", "--prompts", "2", "--group-size", "4", "--memory", "--gemm-sizes",
+                        "32", "--gemm-repeats", "1", "--gemm-min-seconds", "0.001")  # a small in-process GEMM peak
     speed = results["grpo_throughput_vs_trl"]["figures"]
     for side in ("ours", "trl"):
         assert speed[side]["steps_measured"] == 2  # one measured step per run, two runs (interleaved) per side
@@ -46,6 +47,48 @@ def test_grpo_vs_trl_tiny(tmp_path: Path) -> None:
     for side in ("ours", "trl"):
         assert memory[side]["peak_rss_mb"] >= memory[side]["rss_before_steps_mb"] > 100  # torch alone is >100 MB
     assert positive(memory["ratio_peak_rss"])
+
+
+def test_grpo_vs_trl_lora_flops_tiny(tmp_path: Path) -> None:
+    """--lora through both trainers, chat-rendered prompts, and the update's FLOP/s against an in-process GEMM peak:
+    the same prompt tokens reach both sides, and the work counts are consistent with what each side runs."""
+    pytest.importorskip("trl")
+    pytest.importorskip("peft")
+    results = run_bench("grpo_vs_trl", tmp_path, "--size", "tiny", "--lora", "--prompt-format", "chat", "--rounds",
+                        "1", "--steps", "1", "--warmup", "1", "--max-new-tokens", "4", "--prompts", "2",
+                        "--group-size", "4", "--gemm-sizes", "32,64", "--gemm-repeats", "1", "--gemm-min-seconds",
+                        "0.001")
+    result = results["grpo_throughput_vs_trl"]
+    assert result["settings"]["fine_tune"].startswith("LoRA r16")
+    assert result["settings"]["parameters"]["lora_adapter"] > 0
+    figures = result["figures"]
+    assert positive(figures["gemm_peak"]["peak_flop_per_s"]) and figures["gemm_peak"]["dtype"] == "fp32"
+    ours, trl = figures["ours"], figures["trl"]
+    for side in (ours, trl):
+        assert side["steps_measured"] == 1 and side["foreign_prompt_rows"] == 0
+        work = side["work_per_step"]
+        assert work["rows"] == 8 and work["prompt_tokens"] > 0 and 8 <= work["completion_tokens"] <= 32
+        assert work["nograd_positions"] == 0  # one optimiser step per generation, beta 0: no extra forward
+        flops = side["flops_per_step"]
+        assert flops["update_flops"] == flops["model_flops"] > 0
+        assert positive(side["update_flop_per_s"]) and positive(side["update_peak_frac"])
+    # TRL runs every row's whole prompt + completion (padding included); ours each group's prompt once, trimmed: with
+    # prompts of 4-6 characters and at most 4 new tokens, at most 2 x 6 + 8 x 3 = 36 positions against TRL's >= 40
+    assert trl["work_per_step"]["grad_positions"] >= trl["work_per_step"]["prompt_tokens"] + 8
+    assert ours["work_per_step"]["grad_positions"] < trl["work_per_step"]["grad_positions"]
+    assert positive(figures["ratio_executed_flops"])
+
+
+def test_gemm_peak_tiny(tmp_path: Path) -> None:
+    results = run_bench("gemm_peak", tmp_path, "--sizes", "16,32", "--shapes", "8x16x24", "--repeats", "2",
+                        "--min-seconds", "0.001")
+    figures = results["gemm_peak"]["figures"]
+    assert figures["torch_threads"] == 1
+    for dtype in ("fp32", "bf16"):
+        rows = figures[dtype]["shapes"]
+        assert {r["layout"] for r in rows} == {"nt", "nn", "tn"}
+        assert all(positive(r["flop_per_s"]) for r in rows)
+        assert figures[dtype]["peak_flop_per_s"] == max(r["flop_per_s"] for r in rows)
 
 
 def test_dpo_vs_trl_tiny(tmp_path: Path) -> None:
@@ -91,6 +134,7 @@ def test_scaling_tiny(tmp_path: Path) -> None:
 
 
 @pytest.mark.ray
+@pytest.mark.ray_beside
 def test_ray_overhead_tiny(tmp_path: Path) -> None:
     pytest.importorskip("ray")
     pytest.importorskip("deepspeed")
