@@ -49,6 +49,7 @@ def grpo_rows() -> list[str]:
     for label, f in runs("grpo_throughput_vs_trl", (
             ("grpo_vs_trl_fp32", "fp32, sdpa, 1 thread"), ("grpo_vs_trl_bf16", "bf16 autocast, eager, 1 thread"),
             ("grpo_vs_trl_bf16_2threads", "bf16 autocast, eager, 2 threads"),
+            ("grpo_vs_trl_fp32_amd_shared_prompt", "fp32, sdpa, 1 thread, AMD EPYC, after the shared prompt"),
             ("grpo_vs_trl_quickstart", "quickstart workload: 1M-parameter warm-started model, binary reward, "
                                        "16 prompts x 8, 6 new tokens, fp32"))):
         o, t = f["ours"], f["trl"]
@@ -61,6 +62,49 @@ def grpo_rows() -> list[str]:
             rows[-1] = rows[-1].replace(f"| {label} |", f"| {label} (ours skipped {o['skipped_rows_frac']:.0%} of "
                                                          "rows: inert groups) |")
     return rows
+
+
+REAL_MODEL_RUNS = (("grpo_vs_trl_smollm2_fp32_lora", "fp32, LoRA r16 (q,k,v,o)"),
+                   ("grpo_vs_trl_smollm2_fp32_full", "fp32, full fine-tune"),
+                   ("grpo_vs_trl_smollm2_bf16_lora", "bf16 autocast, LoRA r16 (q,k,v,o)"),
+                   ("grpo_vs_trl_smollm2_bf16_full", "bf16 autocast, full fine-tune"))
+
+
+def real_model_rows() -> list[str]:
+    """GRPO vs TRL on SmolLM2-135M-Instruct, with the update's FLOP/s against this machine's GEMM peak."""
+    rows = ["| setting | ours iteration (s) | TRL iteration (s) | ours generate / update (s) | TRL generate / update "
+            "(s) | iteration ratio | update ratio | update model FLOP/s ours / TRL (of GEMM peak) | executed FLOPs "
+            "ours / TRL | executed FLOP/s ours / TRL (of peak) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for label, f in runs("grpo_throughput_vs_trl", REAL_MODEL_RUNS):
+        o, t = f["ours"], f["trl"]
+        peak = f.get("gemm_peak", {})
+        flops = (f"{o['update_flop_per_s'] / 1e9:.0f} / {t['update_flop_per_s'] / 1e9:.0f} G ("
+                 f"{o['update_peak_frac']:.0%} / {t['update_peak_frac']:.0%} of {peak['peak_flop_per_s'] / 1e9:.0f} G)"
+                 if "update_flop_per_s" in o and peak else "-")
+        executed = (f"{o['executed_flop_per_s'] / 1e9:.0f} / {t['executed_flop_per_s'] / 1e9:.0f} G ("
+                    f"{o['executed_peak_frac']:.0%} / {t['executed_peak_frac']:.0%})"
+                    if "executed_flop_per_s" in o and peak else "-")
+        rows.append(f"| {label} | {o['iteration_s']:.2f} | {t['iteration_s']:.2f} | {o['generate_s']:.2f} / "
+                    f"{o['update_s']:.2f} | {t['generate_s']:.2f} / {t['update_s']:.2f} | "
+                    f"**{f['ratio_iteration']:.2f}x** {verdict(f['ratio_iteration'], 1.5)} | "
+                    f"**{f['ratio_update']:.2f}x** {verdict(f['ratio_update'], 2.0)} | {flops} | "
+                    f"{f.get('ratio_executed_flops', float('nan')):.2f}x | {executed} |")
+    return rows if len(rows) > 2 else []
+
+
+def gemm_rows() -> list[str]:
+    payload = load("gemm_peak")
+    if payload is None:
+        return []
+    rows = ["| precision | peak GEMM FLOP/s | at (m x k x n, layout) |", "|---|---|---|"]
+    figures = first(payload, "gemm_peak")
+    for dtype in ("fp32", "bf16"):
+        f = (figures or {}).get("figures", {}).get(dtype)
+        if f:
+            best = f["best"]
+            rows.append(f"| {dtype} | {f['peak_flop_per_s'] / 1e9:.1f} G | "
+                        f"{best['m']} x {best['k']} x {best['n']}, {best['layout']} |")
+    return rows if len(rows) > 2 else []
 
 
 def grpo_memory_rows() -> list[str]:
@@ -123,6 +167,10 @@ def rollout_rows() -> list[str]:
     return rows
 
 
+def rollout_real_rows() -> list[str]:
+    return []  # filled in below once bench/rollout_real.py's figures exist
+
+
 def scaling_rows() -> list[str]:
     r = first(load("scaling"), "grpo_iteration_scaling")
     if r is None:
@@ -155,23 +203,41 @@ def ray_rows() -> list[str]:
     return rows
 
 
+def measured_on(files: tuple[str, ...]) -> str:
+    """Which CPU and when the figures of ``files`` were measured (machines of this kind differ: Intel with AMX,
+    AMD without; a table is only comparable with figures from its own CPU)."""
+    seen: dict[str, list[str]] = {}
+    for name in files:
+        payload = load(name)
+        if payload:
+            m = payload["machine"]
+            key = (f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}, torch threads "
+                   f"{m.get('torch_threads', m.get('OMP_NUM_THREADS'))}")
+            seen.setdefault(key, []).append(payload["date"])
+    return " ".join(f"Measured on {cpu}, {min(d)}" + (f" to {max(d)}" if max(d) != min(d) else "") + "."
+                    for cpu, d in seen.items())
+
+
 def render() -> str:
-    machine = next((p["machine"] for p in (load(n) for n in ("grpo_vs_trl_fp32", "rollout")) if p), None)
-    dates = sorted({p["date"] for p in (load(f.stem) for f in RESULTS.glob("*.json")) if p})
-    parts = []
-    if machine:
-        parts.append(f"Measured {dates[0]} to {dates[-1]} on: {machine['cpu']}, {machine['cores']} cores, "
-                     f"torch {machine['torch']}, Python {machine['python']}, OMP_NUM_THREADS="
-                     f"{machine['OMP_NUM_THREADS']}.")
-    for title, rows in (("GRPO iteration throughput vs TRL GRPOTrainer", grpo_rows()),
-                        ("GRPO peak RSS vs TRL", grpo_memory_rows()),
-                        ("DPO step throughput vs TRL DPOTrainer", dpo_rows()),
-                        ("Log-prob + entropy memory at V = 32k, B*T = 16k", memory_rows()),
-                        ("Rollout: vLLM vs transformers generate", rollout_rows()),
-                        ("Scaling of a GRPO iteration", scaling_rows()),
-                        ("Ray runtime overhead", ray_rows())):
+    parts = ["Each table says which CPU it was measured on: Intel Xeon figures had AMX (bf16 matrix units), AMD EPYC "
+             "figures had none, so bf16 runs slower than fp32 there; never compare across the two."]
+    grpo_files = ("grpo_vs_trl_fp32", "grpo_vs_trl_bf16", "grpo_vs_trl_bf16_2threads", "grpo_vs_trl_quickstart",
+                  "grpo_vs_trl_fp32_amd_shared_prompt")
+    for title, rows, files in (
+            ("GRPO iteration throughput vs TRL GRPOTrainer", grpo_rows(), grpo_files),
+            ("GRPO vs TRL on the real model (SmolLM2-135M-Instruct)", real_model_rows(),
+             tuple(name for name, _ in REAL_MODEL_RUNS)),
+            ("Peak GEMM throughput of this machine (torch.matmul, 1 thread)", gemm_rows(), ("gemm_peak",)),
+            ("GRPO peak RSS vs TRL", grpo_memory_rows(), ("grpo_vs_trl_fp32", "grpo_vs_trl_bf16")),
+            ("DPO step throughput vs TRL DPOTrainer", dpo_rows(), ("dpo_vs_trl_fp32", "dpo_vs_trl_bf16")),
+            ("Log-prob + entropy memory at V = 32k, B*T = 16k", memory_rows(), ("memory_logprobs",)),
+            ("Rollout: vLLM vs transformers generate", rollout_rows(), ("rollout",)),
+            ("Rollout on the real model (SmolLM2-135M-Instruct), LoRA weight sync", rollout_real_rows(),
+             ("rollout_real",)),
+            ("Scaling of a GRPO iteration", scaling_rows(), ("scaling",)),
+            ("Ray runtime overhead", ray_rows(), ("ray_overhead", "ray_overhead_broadcast"))):
         if rows:
-            parts.append(f"#### {title}\n\n" + "\n".join(rows))
+            parts.append(f"#### {title}\n\n{measured_on(files)}\n\n" + "\n".join(rows))
     return "\n\n".join(parts)
 
 
