@@ -134,7 +134,6 @@ def test_scaling_tiny(tmp_path: Path) -> None:
 
 
 @pytest.mark.ray
-@pytest.mark.ray_beside
 def test_ray_overhead_tiny(tmp_path: Path) -> None:
     pytest.importorskip("ray")
     pytest.importorskip("deepspeed")
