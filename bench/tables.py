@@ -167,8 +167,47 @@ def rollout_rows() -> list[str]:
     return rows
 
 
+ROLLOUT_WAYS = (("hf", "transformers (samples the peft model; the sync is a version bump)"),
+                ("vllm_merge", "vLLM, `adapter_sync: merge` (after the first sync: the adapted modules, in memory)"),
+                ("vllm_merge_full", "vLLM, merge, every weight at each sync, in memory"),
+                ("vllm_merge_full_disk", "vLLM, merge, every weight at each sync through safetensors (the old way)"),
+                ("vllm_native", "vLLM, `adapter_sync: native` (LoRARequest, vLLM's CPU LoRA kernels)"))
+
+
 def rollout_real_rows() -> list[str]:
-    return []  # filled in below once bench/rollout_real.py's figures exist
+    """bench/rollout_real.py: engine load, first batch, steady state, and a LoRA step (sync + generate) per way."""
+    r = first(load("rollout_real"), "rollout_real_model")
+    if r is None:
+        return []
+    f = r["figures"]
+    engines = [(name, label) for name, label in (("hf", "transformers `generate`"), ("vllm", "vLLM")) if name in f]
+    rows = ["| | " + " | ".join(label for _, label in engines) + " |", "|---|" + "---|" * len(engines),
+            "| load (s) | " + " | ".join(f"{f[n]['load_s']:.1f}" for n, _ in engines) + " |",
+            "| first batch (s) | " + " | ".join(f"{f[n]['first_batch_s']:.1f}" for n, _ in engines) + " |"]
+    for key in sorted({k for n, _ in engines for k in f[n] if k.startswith("t") and k[1:].isdigit()},
+                      key=lambda k: int(k[1:])):
+        rows.append(f"| steady state, {key[1:]} new tokens: tokens/s (mean length) | "
+                    + " | ".join(f"{f[n][key]['tokens_per_s']:.0f} ({f[n][key]['mean_len']:.0f})" if key in f[n]
+                                 else "-" for n, _ in engines) + " |")
+    ratios = f.get("ratio_vllm_over_hf", {})
+    if ratios:
+        rows.append("\nvLLM / transformers tokens/s: " + ", ".join(f"{v:.2f}x at {k[1:]} new tokens"
+                                                                  for k, v in ratios.items()) + ".")
+    ways = {name: way for part in f.values() if isinstance(part, dict) for name, way in part.get("lora", {}).items()}
+    if ways:
+        rows += ["", f"A LoRA step ({r['settings'].get('lora', 'LoRA')}; {r['settings'].get('lora_length')} new "
+                     "tokens; the adapter moves before every step): weight sync + generate, medians.", "",
+                 "| way | sync (s) | generate (s) | step (s) | step / fastest |", "|---|---|---|---|---|"]
+        over = f.get("lora_step_over_fastest", {})
+        for name, label in ROLLOUT_WAYS:
+            if name in ways:
+                w = ways[name]
+                rows.append(f"| {label} | {w['sync_s']:.2f} | {w['generate_s']:.2f} | {w['step_s']:.2f} | "
+                            f"{over.get(name, float('nan')):.2f}x |")
+        first_sync = next((p["first_sync_s"] for p in f.values() if isinstance(p, dict) and "first_sync_s" in p), None)
+        if first_sync is not None:
+            rows.append(f"\nThe first merged sync of the model sends every weight: {first_sync:.1f} s.")
+    return rows
 
 
 def scaling_rows() -> list[str]:
