@@ -69,7 +69,12 @@ class DeepSpeedStrategy:
         self.engine.backward(loss * self.world_size)  # DeepSpeed averages over ranks; the shares must add up
 
     def agree(self, count: int) -> int:
-        return -self.agree_min([-count])[0]  # the largest count: the minimum of the negated ones
+        import torch.distributed as dist
+
+        # on the engine's device: NCCL reduces only CUDA tensors (gloo takes CPU ones)
+        value = torch.tensor([count], dtype=torch.long, device=self.engine.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return int(value)
 
     def agree_min(self, values: Sequence[int]) -> list[int]:
         """The element-wise minimum of ``values`` (K,) over the ranks: one all-reduce on the default group (the
@@ -78,8 +83,7 @@ class DeepSpeedStrategy:
 
         if self.world_size == 1 or not dist.is_initialized():
             return list(values)
-        # on the engine's device: NCCL reduces only CUDA tensors (gloo takes CPU ones)
-        value = torch.tensor(list(values), dtype=torch.long, device=self.engine.device)
+        value = torch.tensor(list(values), dtype=torch.long, device=self.engine.device)  # NCCL: CUDA; gloo: CPU
         dist.all_reduce(value, op=dist.ReduceOp.MIN)
         return [int(v) for v in value.tolist()]
 
